@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front door: policy, resolver, swarm view, forwarder, app wiring."""

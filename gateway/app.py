@@ -1,0 +1,245 @@
+"""The gateway's composition root: `create_app(settings, policy)` wires the data path.
+
+    request -> decode routing fields -> resolve(request, policy, swarm) -> forward the
+    original bytes to the chosen target (next one on a connection failure) -> relay
+
+The dry-run endpoint calls the same `resolve` and sends nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+
+from gateway.audit import AuditEntry, AuditLog
+from gateway.egress import EgressDenied, EgressGuard
+from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
+from gateway.resolve import Decision, RoutingRequest, resolve
+from gateway.settings import GatewaySettings, default_audit_path
+from gateway.swarm import SwarmWatcher
+from gateway.wire import DryRunFields, RoutingFields, decode
+from myco.errors import (BadRequest, Denied, ModelNotFound, MycoError, TargetFailed,
+                         Unauthorized, Unavailable)
+from myco.handlers import exception_handlers
+from myco.proxy import relay
+
+_REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
+_PATHS: dict[EndpointKind, str] = {"chat": "/chat/completions", "completions": "/completions",
+                                   "embeddings": "/embeddings"}
+
+
+def client_keys(policy: Policy, environ: Mapping[str, str]) -> dict[str, str]:
+    """API key value -> client name, read from the variables the policy names."""
+    keys: dict[str, str] = {}
+    for client in policy.clients.values():
+        value = environ.get(client.key_env)
+        if not value:
+            raise PolicyError(policy.source, None, f"clients.{client.name}.key_env: environment "
+                              f"variable {client.key_env} is not set")
+        keys[value] = client.name
+    return keys
+
+
+class Gateway:
+    """The state behind the handlers: policy, swarm view, forwarding client, audit log."""
+
+    def __init__(self, settings: GatewaySettings, policy: Policy,
+                 transport: httpx.AsyncBaseTransport | None, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.keys = client_keys(policy, environ)
+        self.upstream_keys = {u.name: environ.get(u.api_key_env, "")
+                              for u in policy.upstreams.values() if u.api_key_env}
+        inner = transport or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        self.client = httpx.AsyncClient(transport=EgressGuard(inner, policy.endpoints()),
+                                        timeout=timeout, follow_redirects=False)
+        self.watcher = SwarmWatcher(policy.nodes, self.client, interval=settings.health_interval,
+                                    timeout=settings.health_timeout)
+        self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
+
+    def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
+        if not self.keys:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        name = self.keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        if name is None:
+            raise Unauthorized("missing or unknown API key for this gateway")
+        return name
+
+    def base_url(self, target: str) -> str:
+        node = self.policy.nodes.get(target)
+        return node.base_url if node else self.policy.upstreams[target].base_url
+
+    def headers_for(self, target: str, request: Request[Any, Any, Any]) -> dict[str, str]:
+        headers = {"content-type": request.headers.get("content-type", "application/json"),
+                   "accept": request.headers.get("accept", "*/*")}
+        key = self.upstream_keys.get(target)
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    async def forward(self, request: Request[Any, Any, Any], endpoint: EndpointKind) -> Any:
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        raw = await request.body()
+        fields: RoutingFields | None = None
+        client: str | None = None
+        decision: Decision | None = None
+        target: str | None = None
+        try:
+            client = self.authenticate(request)
+            fields = decode(raw, RoutingFields)
+            decision = resolve(RoutingRequest(endpoint, fields.model, client, fields.has_tools),
+                               self.policy, self.watcher.views)
+            if not decision.allowed:
+                raise _REFUSALS[decision.status](decision.message)
+            failures: list[str] = []
+            for target in decision.eligible:
+                try:
+                    upstream = await self.client.send(self.client.build_request(
+                        "POST", self.base_url(target) + _PATHS[endpoint], content=raw,
+                        headers=self.headers_for(target, request)), stream=True)
+                except EgressDenied as exc:
+                    raise TargetFailed(str(exc)) from None
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    failures.append(f"{target}: cannot connect ({exc})")
+                    if target in self.policy.nodes:
+                        self.watcher.mark_failed(target, f"connection failed: {exc}")
+                    continue
+                except httpx.HTTPError as exc:
+                    raise TargetFailed(f"{target} failed: {type(exc).__name__}: {exc}") from None
+                self._record(started, request_id, endpoint, fields, client, decision, target,
+                             upstream.status_code, None, raw)
+                return await relay(upstream, {"x-myco-node": target,
+                                              "x-myco-rule": decision.rule_name,
+                                              "x-request-id": request_id})
+            target = None
+            raise TargetFailed("every target failed: " + "; ".join(failures))
+        except MycoError as exc:
+            exc.extra_headers.update({
+                "x-myco-node": target or "-",
+                "x-myco-rule": decision.rule_name if decision else "none",
+                "x-request-id": request_id})
+            self._record(started, request_id, endpoint, fields, client, decision, target,
+                         exc.status, exc.message, raw)
+            raise
+
+    def _record(self, started: float, request_id: str, endpoint: str,
+                fields: RoutingFields | None, client: str | None, decision: Decision | None,
+                target: str | None, status: int, reason: str | None, raw: bytes) -> None:
+        self.audit.record(AuditEntry(
+            time=time.time(), request_id=request_id, endpoint=endpoint,
+            model=fields.model if fields else None, client=client,
+            rule=decision.rule_name if decision else "none", target=target, status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3), reason=reason,
+            body=raw.decode("utf-8", "replace") if self.policy.audit.prompts else None))
+
+    def dry_run(self, request: Request[Any, Any, Any], raw: bytes) -> dict[str, Any]:
+        client = self.authenticate(request)
+        fields = decode(raw, DryRunFields)
+        routing = RoutingRequest(fields.endpoint, fields.model, client, fields.has_tools)
+        decision = resolve(routing, self.policy, self.watcher.views)
+        return {"request": msgspec.to_builtins(routing), "rule_name": decision.rule_name,
+                **msgspec.to_builtins(decision)}
+
+    def models(self, client: str | None) -> list[dict[str, Any]]:
+        """Models the policy makes reachable for `client`, with the targets that serve each."""
+        served: dict[str, list[str]] = {}
+        offers = [(name, view.models or frozenset()) for name, view in self.watcher.views.items()]
+        offers += [(u.name, frozenset(u.models or ())) for u in self.policy.upstreams.values()]
+        for target, models in offers:
+            for model in sorted(models):
+                reachable = any(
+                    target in {c.target for c in resolve(RoutingRequest(kind, model, client),
+                                                         self.policy, self.watcher.views).candidates}
+                    for kind in ENDPOINT_KINDS)
+                if reachable:
+                    served.setdefault(model, []).append(target)
+        return [{"id": model, "object": "model", "created": 0, "owned_by": targets[0],
+                 "targets": targets} for model, targets in sorted(served.items())]
+
+    def swarm(self) -> list[dict[str, Any]]:
+        out = []
+        for name, node in self.policy.nodes.items():
+            view = self.watcher.views[name]
+            info = self.watcher.infos.get(name)
+            out.append({"name": name, "address": node.address, "healthy": view.healthy,
+                        "reason": view.reason, "models": sorted(view.models or ()),
+                        "loaded": info.loaded if info else [], "queue": info.queue if info else {},
+                        "role": info.capabilities.role if info else None})
+        return out
+
+
+def create_app(settings: GatewaySettings, policy: Policy, *,
+               transport: httpx.AsyncBaseTransport | None = None,
+               environ: Mapping[str, str] = os.environ) -> Litestar:
+    gateway = Gateway(settings, policy, transport, environ)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await gateway.watcher.start()
+        try:
+            yield
+        finally:
+            await gateway.watcher.stop()
+            await gateway.client.aclose()
+            gateway.audit.close()
+
+    @post("/v1/chat/completions")
+    async def chat(request: Request[Any, Any, Any]) -> Any:
+        return await gateway.forward(request, "chat")
+
+    @post("/v1/completions")
+    async def completions(request: Request[Any, Any, Any]) -> Any:
+        return await gateway.forward(request, "completions")
+
+    @post("/v1/embeddings")
+    async def embeddings(request: Request[Any, Any, Any]) -> Any:
+        return await gateway.forward(request, "embeddings")
+
+    @get("/v1/models")
+    async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return {"object": "list", "data": gateway.models(gateway.authenticate(request))}
+
+    @post("/v1/policy/dry-run", status_code=200)
+    async def dry_run(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return gateway.dry_run(request, await request.body())
+
+    @get("/v1/policy")
+    async def show_policy(request: Request[Any, Any, Any]) -> Response[bytes]:
+        gateway.authenticate(request)
+        body = msgspec.json.encode(policy)
+        return Response(body, media_type="application/json")
+
+    @get("/v1/swarm")
+    async def swarm(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        gateway.authenticate(request)
+        return {"nodes": gateway.swarm()}
+
+    @get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "policy": policy.source,
+                "nodes": {n: v.healthy for n, v in gateway.watcher.views.items()}}
+
+    return Litestar(
+        route_handlers=[chat, completions, embeddings, models, dry_run, show_policy, swarm,
+                        health],
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers({"x-myco-node": "-", "x-myco-rule": "none"}),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+
+
+__all__ = ["BadRequest", "create_app", "Gateway"]

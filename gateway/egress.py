@@ -1,0 +1,89 @@
+"""The egress guard: the forwarding client may only connect to what the policy lists.
+
+`EgressGuard` wraps an httpx transport.  For every request it resolves the URL's host (numeric
+spellings such as `2130706433`, `0x7f.1` or `[::ffff:127.0.0.1]` included, because the system
+resolver is what a socket would use), and lets it through only if a resolved address with the
+URL's port is one of the listed endpoints.  The request then goes to that checked address, so a
+name cannot resolve differently between the check and the connect.  Anything else raises
+`EgressDenied` before a socket is opened.  Redirects are never followed by the client that owns
+this transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Iterable
+
+import httpx
+
+
+class EgressDenied(httpx.TransportError):
+    """The destination is not listed in the policy."""
+
+
+
+
+def canonical_ip(address: str) -> str:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for `host` (numeric forms included)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    return [canonical_ip(str(info[4][0])) for info in infos]
+
+
+class EgressGuard(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, allowed: Iterable[tuple[str, int]],
+                 *, ttl: float = 30.0) -> None:
+        self._inner = inner
+        self._listed = [(host.strip("[]").lower(), port) for host, port in allowed]
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, list[str]]] = {}
+        self._allowed: set[tuple[str, int]] = set()
+        self._allowed_at = -1.0
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        now = time.monotonic()
+        hit = self._cache.get(host)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            addresses = await resolve_host(host, port)
+        except OSError:
+            addresses = []
+        self._cache[host] = (now, addresses)
+        return addresses
+
+    async def _allowed_addresses(self) -> set[tuple[str, int]]:
+        if time.monotonic() - self._allowed_at >= self._ttl:
+            allowed: set[tuple[str, int]] = set()
+            for host, port in self._listed:
+                allowed.update((address, port) for address in await self._addresses(host, port))
+            self._allowed, self._allowed_at = allowed, time.monotonic()
+        return self._allowed
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        host = url.host
+        port = url.port or (443 if url.scheme == "https" else 80)
+        allowed = await self._allowed_addresses()
+        checked = next((a for a in await self._addresses(host, port) if (a, port) in allowed), None)
+        if checked is None:
+            raise EgressDenied(f"egress to {host}:{port} refused: not listed in the policy",
+                               request=request)
+        if checked != host:
+            if url.scheme == "https":
+                request.extensions = {**request.extensions, "sni_hostname": host}
+            request.url = url.copy_with(host=checked)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

@@ -1,0 +1,295 @@
+"""The policy: which nodes, upstreams and clients exist, and the ordered routes between them.
+
+A policy is a TOML file the user wrote.  Only what it lists is reachable; routes are tried in
+order and the first whose `match` fits the request decides (forward to targets in order of
+preference, or deny).  Anything malformed stops start-up with a `PolicyError` naming the file,
+the line and the reason.  Example:
+
+    [nodes.local]
+    address = "127.0.0.1:8788"
+
+    [[routes]]
+    match = { model = "*" }
+    forward = ["local"]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+from gateway import toml_lines
+
+_T = TypeVar("_T")
+EndpointKind = Literal["chat", "completions", "embeddings"]
+ENDPOINT_KINDS: tuple[EndpointKind, ...] = ("chat", "completions", "embeddings")
+
+
+class PolicyError(Exception):
+    def __init__(self, file: str, line: int | None, reason: str) -> None:
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {reason}")
+        self.file, self.line, self.reason = file, line, reason
+
+
+# --- the file as written (strict: unknown keys are errors) -------------------------------
+
+
+class _Node(msgspec.Struct, forbid_unknown_fields=True):
+    address: str
+
+
+class _Upstream(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    cloud: bool
+    api_key_env: str | None = None
+    models: list[str] | None = None
+
+
+class _Client(msgspec.Struct, forbid_unknown_fields=True):
+    key_env: str
+
+
+class _Match(msgspec.Struct, forbid_unknown_fields=True):
+    model: str = "*"
+    endpoint: EndpointKind | list[EndpointKind] | None = None
+    client: str | list[str] | None = None
+    tools: bool | None = None
+
+
+class _Route(msgspec.Struct, forbid_unknown_fields=True):
+    match: _Match = msgspec.field(default_factory=_Match)
+    forward: list[str] | None = None
+    deny: str | None = None
+
+
+class _Audit(msgspec.Struct, forbid_unknown_fields=True):
+    path: str | None = None
+    prompts: bool = False
+
+
+class _File(msgspec.Struct, forbid_unknown_fields=True):
+    # Tables of named entries are converted one entry at a time (`_entries`), because msgspec's
+    # error path does not say which key of a dict was wrong.
+    nodes: dict[str, dict[str, Any]] = {}
+    upstreams: dict[str, dict[str, Any]] = {}
+    clients: dict[str, dict[str, Any]] = {}
+    routes: list[_Route] = []
+    audit: _Audit = msgspec.field(default_factory=_Audit)
+
+
+# --- the validated policy -----------------------------------------------------------------
+
+
+class Node(msgspec.Struct, frozen=True):
+    name: str
+    address: str  # host:port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}/v1"
+
+
+class Upstream(msgspec.Struct, frozen=True):
+    name: str
+    url: str  # base URL including /v1, as an OpenAI client's base_url
+    cloud: bool
+    api_key_env: str | None
+    models: tuple[str, ...] | None  # None: whatever a route sends it
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+
+class Client(msgspec.Struct, frozen=True):
+    name: str
+    key_env: str
+
+
+class Match(msgspec.Struct, frozen=True):
+    model: str
+    endpoints: tuple[EndpointKind, ...] | None
+    clients: tuple[str, ...] | None
+    tools: bool | None
+
+
+class Route(msgspec.Struct, frozen=True):
+    index: int
+    line: int | None
+    match: Match
+    forward: tuple[str, ...]
+    deny: str | None
+
+    @property
+    def name(self) -> str:
+        return f"routes[{self.index}]"
+
+    @property
+    def text(self) -> str:
+        parts = [f"model={self.match.model}"]
+        if self.match.endpoints is not None:
+            parts.append("endpoint=" + "|".join(self.match.endpoints))
+        if self.match.clients is not None:
+            parts.append("client=" + "|".join(self.match.clients))
+        if self.match.tools is not None:
+            parts.append(f"tools={str(self.match.tools).lower()}")
+        action = f"deny: {self.deny}" if self.deny is not None else "forward " + ", ".join(self.forward)
+        return " ".join(parts) + " -> " + action
+
+
+class Audit(msgspec.Struct, frozen=True):
+    path: str | None
+    prompts: bool
+
+
+class Policy(msgspec.Struct, frozen=True):
+    source: str
+    nodes: dict[str, Node]
+    upstreams: dict[str, Upstream]
+    clients: dict[str, Client]
+    routes: tuple[Route, ...]
+    audit: Audit
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Every host:port the gateway may open a connection to."""
+        pairs = [split_host_port(n.address) for n in self.nodes.values()]
+        for upstream in self.upstreams.values():
+            parts = urlsplit(upstream.url)
+            default = 443 if parts.scheme == "https" else 80
+            pairs.append((parts.hostname or "", parts.port or default))
+        return pairs
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} must be host:port")
+    host = host.strip("[]")
+    if ":" in host:
+        ipaddress.IPv6Address(host)  # a bare IPv6 host must be bracketed and valid
+    return host, int(port)
+
+
+def matches(match: Match, endpoint: EndpointKind, model: str, client: str | None,
+            has_tools: bool) -> bool:
+    """Whether a route's `match` fits a request.  Model names match as shell globs."""
+    return (
+        fnmatch.fnmatchcase(model, match.model)
+        and (match.endpoints is None or endpoint in match.endpoints)
+        and (match.clients is None or (client is not None and client in match.clients))
+        and (match.tools is None or match.tools == has_tools)
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a policy file; raise `PolicyError` with file, line and reason."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(name, None, f"cannot read policy: {exc.strerror}") from None
+    return parse(text, name)
+
+
+def parse(text: str, source: str = "<policy>") -> Policy:
+    lines = toml_lines.index_lines(text)
+
+    def fail(path: toml_lines.Path, reason: str) -> PolicyError:
+        return PolicyError(source, toml_lines.line_of(lines, path), reason)
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        reason = str(exc).split(" (at line")[0]
+        raise PolicyError(source, int(found.group(1)) if found else None,
+                          f"not valid TOML: {reason}") from None
+
+    def convert(value: Any, kind: type[_T], prefix: toml_lines.Path) -> _T:
+        try:
+            return msgspec.convert(value, kind)
+        except msgspec.ValidationError as exc:
+            where = (*prefix, *toml_lines.parse_msgspec_path(str(exc)))
+            reason = str(exc).split(" - at `")[0]
+            unknown = re.match(r"Object contains unknown field `(.+)`", reason)
+            if unknown:
+                reason = f"unknown key `{unknown.group(1)}`"
+                where = (*where, unknown.group(1))  # points at the offending line
+            reason = reason.replace("Object missing required field", "missing required key")
+            dotted = _dotted(where[:-1] if unknown else where)
+            raise fail(where, f"{dotted}: {reason}" if dotted else reason) from None
+
+    doc = convert(raw, _File, ())
+    nodes: dict[str, Node] = {}
+    for name, node in _entries(doc.nodes, _Node, "nodes", convert):
+        try:
+            split_host_port(node.address)
+        except ValueError as exc:
+            raise fail(("nodes", name, "address"), f"nodes.{name}.address: {exc}") from None
+        nodes[name] = Node(name, node.address)
+
+    upstreams: dict[str, Upstream] = {}
+    for name, up in _entries(doc.upstreams, _Upstream, "upstreams", convert):
+        parts = urlsplit(up.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise fail(("upstreams", name, "url"),
+                       f"upstreams.{name}.url: {up.url!r} must be an http(s) URL")
+        if name in nodes:
+            raise fail(("upstreams", name), f"{name!r} is both a node and an upstream")
+        models = tuple(up.models) if up.models is not None else None
+        upstreams[name] = Upstream(name, up.url, up.cloud, up.api_key_env, models)
+
+    clients = {name: Client(name, c.key_env)
+               for name, c in _entries(doc.clients, _Client, "clients", convert)}
+
+    routes: list[Route] = []
+    for i, r in enumerate(doc.routes):
+        where: toml_lines.Path = ("routes", i)
+        if (r.forward is None) == (r.deny is None):
+            raise fail(where, f"routes[{i}]: give exactly one of `forward` or `deny`")
+        for target in r.forward or ():
+            if target not in nodes and target not in upstreams:
+                raise fail((*where, "forward"),
+                           f"routes[{i}].forward: {target!r} is not a listed node or upstream")
+        if r.forward is not None and not r.forward:
+            raise fail((*where, "forward"), f"routes[{i}].forward: lists no target")
+        m = r.match
+        wanted = _as_tuple(m.client)
+        for client in wanted or ():
+            if client not in clients:
+                raise fail((*where, "match"),
+                           f"routes[{i}].match.client: {client!r} is not a listed client")
+        match = Match(m.model, _as_tuple(m.endpoint), wanted, m.tools)
+        routes.append(Route(i, toml_lines.line_of(lines, where), match,
+                            tuple(r.forward or ()), r.deny))
+    if not routes:
+        raise PolicyError(source, None, "no [[routes]]: nothing would be reachable")
+    return Policy(source, nodes, upstreams, clients, tuple(routes),
+                  Audit(doc.audit.path, doc.audit.prompts))
+
+
+def _entries(table: dict[str, dict[str, Any]], kind: type[_T], section: str,
+             convert: Any) -> list[tuple[str, _T]]:
+    return [(name, convert(value, kind, (section, name))) for name, value in table.items()]
+
+
+def _as_tuple(value: str | list[str] | list[EndpointKind] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _dotted(path: toml_lines.Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out

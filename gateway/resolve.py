@@ -1,0 +1,129 @@
+"""`resolve(request, policy, swarm) -> Decision`: where a request goes, and why.
+
+Pure: no I/O, clock or globals.  The real endpoints and the dry-run endpoint both call it, so
+they cannot disagree.  The rules, in order:
+
+1. The first route whose `match` fits the request decides; none fits -> 403 (default deny).
+2. A `deny` route -> 403 naming the route.
+3. Each target of a `forward` route, in the order written, is a candidate: a node must be
+   healthy and serve the model; an upstream must list the model (when it lists models at all).
+4. The first eligible candidate is chosen; the rest are fallbacks for connection failures.
+5. No candidate serves the model -> 404; some would but cannot now -> 503 with the reasons.
+
+A destination is only ever a target the policy listed, never derived from the model name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import msgspec
+
+from gateway.policy import EndpointKind, Policy, matches
+
+
+class RoutingRequest(msgspec.Struct, frozen=True):
+    endpoint: EndpointKind
+    model: str
+    client: str | None = None
+    has_tools: bool = False
+
+
+class NodeView(msgspec.Struct, frozen=True):
+    """What the gateway currently knows of one listed node."""
+
+    name: str
+    healthy: bool
+    models: frozenset[str] | None = None  # None: not known yet
+    reason: str = ""  # why it is unhealthy
+
+
+Swarm = Mapping[str, NodeView]
+
+
+class Candidate(msgspec.Struct, frozen=True):
+    target: str
+    kind: Literal["node", "upstream"]
+    eligible: bool
+    chosen: bool
+    reason: str
+
+
+class Decision(msgspec.Struct, frozen=True):
+    allowed: bool
+    status: int  # 200 when allowed, else the HTTP status of the refusal
+    message: str
+    rule_index: int | None = None
+    rule: str | None = None
+    target: str | None = None
+    candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def rule_name(self) -> str:
+        return f"routes[{self.rule_index}]" if self.rule_index is not None else "none"
+
+    @property
+    def eligible(self) -> tuple[str, ...]:
+        """Targets to try, in order: the chosen one, then the fallbacks."""
+        return tuple(c.target for c in self.candidates if c.eligible)
+
+
+def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
+    route = next((r for r in policy.routes
+                  if matches(r.match, request.endpoint, request.model, request.client,
+                             request.has_tools)), None)
+    if route is None:
+        return Decision(False, 403, f"no route in policy {policy.source} matches this request "
+                        f"(model {request.model!r}, endpoint {request.endpoint}); "
+                        "anything the policy does not list is denied")
+    rule = {"rule_index": route.index, "rule": route.text}
+    if route.deny is not None:
+        return Decision(False, 403, f"denied by policy rule {route.name}: {route.deny}", **rule)
+
+    candidates: list[Candidate] = []
+    serves_model = False
+    for target in route.forward:
+        kind: Literal["node", "upstream"] = "node" if target in policy.nodes else "upstream"
+        problem, knows_model = _check(target, kind, request.model, policy, swarm)
+        serves_model = serves_model or knows_model
+        eligible = problem is None
+        chosen = eligible and not any(c.eligible for c in candidates)
+        if chosen:
+            reason = "first eligible target of the route"
+        elif eligible:
+            reason = f"eligible fallback #{sum(c.eligible for c in candidates)}"
+        else:
+            reason = problem or ""
+        candidates.append(Candidate(target, kind, eligible, chosen, reason))
+
+    chosen_target = next((c.target for c in candidates if c.chosen), None)
+    if chosen_target is not None:
+        return Decision(True, 200, f"forward to {chosen_target}", target=chosen_target,
+                        candidates=tuple(candidates), **rule)
+    why = "; ".join(f"{c.target}: {c.reason}" for c in candidates)
+    if not serves_model:
+        return Decision(False, 404, f"model {request.model!r} is not served by any target of "
+                        f"{route.name} ({why})", candidates=tuple(candidates), **rule)
+    return Decision(False, 503, f"no available target for {route.name}: {why}",
+                    candidates=tuple(candidates), **rule)
+
+
+def _check(target: str, kind: str, model: str, policy: Policy,
+           swarm: Swarm) -> tuple[str | None, bool]:
+    """(why `target` cannot take the request or None, whether it may serve `model`)."""
+    if kind == "upstream":
+        listed = policy.upstreams[target].models
+        if listed is not None and model not in listed:
+            return f"upstream does not list model {model!r}", False
+        return None, True
+    view = swarm.get(target)
+    if view is None:
+        return "not seen yet", True
+    if view.models is not None and model not in view.models:
+        if not view.healthy:
+            return f"unhealthy ({view.reason}) and does not serve model {model!r}", False
+        return f"does not serve model {model!r}", False
+    if not view.healthy:
+        return f"unhealthy: {view.reason}", True
+    return None, True

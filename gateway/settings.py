@@ -1,0 +1,38 @@
+"""The gateway's settings: one frozen object built at start from flags and `MYCO_*` variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+import platformdirs
+
+
+class GatewaySettings(msgspec.Struct, frozen=True):
+    policy_path: str
+    host: str = "127.0.0.1"
+    port: int = 8787
+    max_body_bytes: int = 16 * 1024 * 1024
+    audit_path: str | None = None  # None: the policy's [audit] path, else the state dir
+    health_interval: float = 2.0
+    health_timeout: float = 1.5
+    connect_timeout: float = 3.0
+    read_timeout: float = 600.0  # a long generation without streaming
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> GatewaySettings:
+        """Flags win over `MYCO_GATEWAY_*` variables, which win over defaults."""
+        values: dict[str, object] = {}
+        for field in cls.__struct_fields__:
+            env = environ.get(f"MYCO_GATEWAY_{field.upper()}")
+            if env is not None:
+                values[field] = env
+        values.update({k: v for k, v in flags.items() if v is not None})
+        if "policy_path" not in values:
+            values["policy_path"] = environ.get("MYCO_POLICY", "policies/default.toml")
+        return msgspec.convert(values, cls, strict=False)
+
+
+def default_audit_path() -> str:
+    return str(platformdirs.user_state_path("mycoswarm") / "audit.jsonl")

@@ -1,0 +1,62 @@
+"""Where a key lives in a TOML file: maps key paths to 1-based line numbers for error messages.
+
+tomllib gives no positions for values, so policy errors would otherwise say only *what* is wrong.
+This scans the text for table headers (`[a.b]`, `[[a]]`) and `key =` lines; it understands the
+subset of TOML that policy files use, and falls back to the nearest enclosing key it found.
+"""
+
+from __future__ import annotations
+
+import re
+
+Path = tuple[str | int, ...]
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_\"'-]+)*)\s*=")
+
+
+def _split_dotted(text: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in text.split(".")]
+
+
+def index_lines(text: str) -> dict[Path, int]:
+    """Map every table header and key path found in `text` to its line number."""
+    lines: dict[Path, int] = {}
+    counters: dict[tuple[str, ...], int] = {}
+    table: Path = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            names = tuple(_split_dotted(header.group(2)))
+            if header.group(1) == "[[":
+                index = counters.get(names, -1) + 1
+                counters[names] = index
+                table = (*names, index)
+            else:
+                table = names
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            lines.setdefault((*table, *_split_dotted(key.group(1))), number)
+    return lines
+
+
+def line_of(lines: dict[Path, int], path: Path) -> int | None:
+    """The line of `path`, or of its nearest ancestor that has one."""
+    for end in range(len(path), 0, -1):
+        found = lines.get(path[:end])
+        if found is not None:
+            return found
+    return None
+
+
+def parse_msgspec_path(message: str) -> Path:
+    """`... - at `$.routes[1].match.model`` -> ("routes", 1, "match", "model")."""
+    found = re.search(r"at `\$([^`]*)`", message)
+    if not found:
+        return ()
+    path: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", found.group(1)):
+        path.append(int(index) if index else name)
+    return tuple(path)

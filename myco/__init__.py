@@ -1,0 +1,1 @@
+"""mycoSwarm: the pieces both processes share (CLI, errors, serving)."""

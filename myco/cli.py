@@ -1,0 +1,264 @@
+"""The `myco` command: run a gateway or a node, inspect the swarm, check and explain policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import msgspec
+
+DEFAULT_GATEWAY = "http://127.0.0.1:8787"
+
+
+def _log_setup() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+
+
+def _policy_or_exit(path: str) -> Any:
+    from gateway import policy
+
+    try:
+        return policy.load(path)
+    except policy.PolicyError as exc:
+        print(f"myco: invalid policy: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    from gateway.app import create_app
+    from gateway.policy import PolicyError
+    from gateway.settings import GatewaySettings
+    from myco.serve import serve
+
+    _log_setup()
+    settings = GatewaySettings.from_env(policy_path=args.policy, host=args.host, port=args.port,
+                                        audit_path=args.audit_log)
+    policy = _policy_or_exit(settings.policy_path)
+    try:
+        app = create_app(settings, policy)
+    except PolicyError as exc:
+        print(f"myco: invalid policy: {exc}", file=sys.stderr)
+        sys.exit(2)
+    serve(app, settings.host, settings.port, "myco gateway")
+
+
+def cmd_node(args: argparse.Namespace) -> None:
+    from myco.serve import serve
+    from nodeagent import hardware
+    from nodeagent.app import NodeAgent, create_app
+    from nodeagent.settings import NodeSettings
+
+    _log_setup()
+    settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
+                                     name=args.name, n_ctx=args.n_ctx,
+                                     queue_size=args.queue_size)
+    agent = NodeAgent(settings, hardware.detect())
+    models = agent.store.list()
+    logging.getLogger("myco.node").info(
+        "node %s: %d model(s) in %s: %s", settings.name, len(models), settings.models_dir,
+        ", ".join(m.id for m in models) or "none")
+    serve(create_app(agent), settings.host, settings.port, "myco node")
+
+
+def _gateway_call(args: argparse.Namespace, method: str, path: str,
+                  body: dict[str, Any] | None = None) -> Any:
+    key = os.environ.get("MYCO_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.request(method, args.gateway.rstrip("/") + path, json=body,
+                                 headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"myco: cannot reach the gateway at {args.gateway}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if response.status_code != 200:
+        print(f"myco: gateway answered {response.status_code}: {response.text}", file=sys.stderr)
+        sys.exit(1)
+    return response.json()
+
+
+def cmd_nodes(args: argparse.Namespace) -> None:
+    nodes = _gateway_call(args, "GET", "/v1/swarm")["nodes"]
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return
+    if not nodes:
+        print("the policy lists no nodes")
+    for n in nodes:
+        state = "healthy" if n["healthy"] else f"UNHEALTHY ({n['reason']})"
+        print(f"{n['name']:<16} {n['address']:<22} {state}  role={n['role']}")
+        for model in n["models"]:
+            loaded = " (loaded)" if model in n["loaded"] else ""
+            print(f"    {model}{loaded} queue={n['queue'].get(model, 0)}")
+
+
+def cmd_policy_check(args: argparse.Namespace) -> None:
+    p = _policy_or_exit(args.file)
+    print(f"{args.file}: ok ({len(p.nodes)} node(s), {len(p.upstreams)} upstream(s), "
+          f"{len(p.routes)} route(s))")
+    for route in p.routes:
+        print(f"  {route.name}: {route.text}")
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> None:
+    body = {"model": args.model, "endpoint": args.endpoint}
+    if args.tools:
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    if args.policy:
+        from gateway.resolve import NodeView, RoutingRequest, resolve
+
+        p = _policy_or_exit(args.policy)
+        print("offline: every listed node is assumed healthy and to serve the model")
+        swarm = {name: NodeView(name, True, None) for name in p.nodes}
+        decision = resolve(RoutingRequest(args.endpoint, args.model, args.client, args.tools),
+                           p, swarm)
+        result = {"rule_name": decision.rule_name, **msgspec.to_builtins(decision)}
+    else:
+        result = _gateway_call(args, "POST", "/v1/policy/dry-run", body)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    verdict = "ALLOWED" if result["allowed"] else f"REFUSED ({result['status']})"
+    print(f"{verdict}: {result['message']}")
+    print(f"rule: {result['rule_name']}" + (f"  {result['rule']}" if result.get("rule") else ""))
+    for c in result["candidates"]:
+        mark = "->" if c["chosen"] else ("ok" if c["eligible"] else "no")
+        print(f"  {mark} {c['target']} ({c['kind']}): {c['reason']}")
+
+
+def cmd_hw(args: argparse.Namespace) -> None:
+    from nodeagent import capability, hardware
+    from nodeagent.settings import NodeSettings
+    from nodeagent.store import ModelStore
+
+    settings = NodeSettings.from_env(models_dir=args.models, n_ctx=args.n_ctx)
+    hw = hardware.detect()
+    models = ModelStore(__import__("pathlib").Path(settings.models_dir)).list()
+    caps = capability.classify(hw, models, settings.n_ctx)
+    if args.json:
+        print(json.dumps({"hardware": msgspec.to_builtins(hw),
+                          "capabilities": msgspec.to_builtins(caps)}, indent=2))
+        return
+    gib = 1024**3
+    print(f"{hw.hostname}: {hw.cpu_model} ({hw.cpu_cores} threads, {hw.machine})")
+    print(f"RAM: {hw.ram_available / gib:.1f} of {hw.ram_total / gib:.1f} GiB available")
+    for gpu in hw.gpus:
+        print(f"GPU {gpu.index}: {gpu.name}, {gpu.memory_free / gib:.1f} of "
+              f"{gpu.memory_total / gib:.1f} GiB free, driver {gpu.driver}")
+    if not hw.gpus:
+        print("GPU: none found (CPU inference)")
+    print(f"role: {caps.role}")
+    print(f"models in {settings.models_dir} (context {settings.n_ctx}):")
+    for fit in caps.models:
+        print(f"  {fit.model}: {fit.fit} - {fit.reason}")
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    """Start a local node and a gateway; stop both on Ctrl-C."""
+    _policy_or_exit(args.policy)
+    me = [sys.executable, "-m", "myco.cli"]
+    node = subprocess.Popen([*me, "node", "--port", str(args.node_port)])
+    procs = [node]
+    try:
+        gateway = subprocess.Popen([*me, "gateway", "--policy", args.policy, "--port",
+                                    str(args.port)], stdout=subprocess.PIPE, text=True)
+        procs.append(gateway)
+        assert gateway.stdout is not None
+        line = gateway.stdout.readline()
+        if not line:
+            raise SystemExit("myco: the gateway did not start")
+        print(line, end="", flush=True)
+        print(f"\nmycoSwarm is up. In another terminal:\n\n"
+              f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1\n"
+              f"  export OPENAI_API_KEY=local   # any value; the default policy asks for none\n\n"
+              f"Ctrl-C stops the gateway and the node.", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        raise SystemExit("myco: a process exited; stopping")
+    except KeyboardInterrupt:
+        print("\nmyco: stopping", flush=True)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="myco", description="mycoSwarm: a local-first "
+                                   "OpenAI-compatible gateway in front of your own machines.")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local node and a gateway (Ctrl-C stops both)")
+    up.add_argument("--policy", default="policies/default.toml")
+    up.add_argument("--port", type=int, default=8787)
+    up.add_argument("--node-port", type=int, default=8788)
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    gw.add_argument("--policy", help="policy file (default: $MYCO_POLICY or policies/default.toml)")
+    gw.add_argument("--host", help="listen address (default 127.0.0.1)")
+    gw.add_argument("--port", type=int, help="listen port (default 8787; 0 picks a free one)")
+    gw.add_argument("--audit-log", help="JSONL audit log path")
+    gw.set_defaults(func=cmd_gateway)
+
+    nd = sub.add_parser("node", help="run this machine's node agent")
+    nd.add_argument("--host", help="listen address (default 127.0.0.1)")
+    nd.add_argument("--port", type=int, help="listen port (default 8788; 0 picks a free one)")
+    nd.add_argument("--models", help="model directory (default: $MYCO_MODELS or the data dir)")
+    nd.add_argument("--name", help="node name (default: the host name)")
+    nd.add_argument("--n-ctx", type=int, help="context length per model (default 4096)")
+    nd.add_argument("--queue-size", type=int, help="requests per model before 429 (default 8)")
+    nd.set_defaults(func=cmd_node)
+
+    for name, func, help_ in (("nodes", cmd_nodes, "show the nodes the gateway sees"),):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY))
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    pol = sub.add_parser("policy", help="check or explain a policy")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    check = psub.add_parser("check", help="validate a policy file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_policy_check)
+    explain = psub.add_parser("explain", help="where would a request go, and why (dry-run)")
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--endpoint", choices=["chat", "completions", "embeddings"],
+                         default="chat")
+    explain.add_argument("--tools", action="store_true", help="the request carries tools")
+    explain.add_argument("--client", help="client name (offline mode only)")
+    explain.add_argument("--policy", help="resolve offline against this file instead of "
+                         "asking the running gateway")
+    explain.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY))
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=cmd_policy_explain)
+
+    hw = sub.add_parser("hw", help="hardware and capability report for this machine")
+    hw.add_argument("--models", help="model directory")
+    hw.add_argument("--n-ctx", type=int)
+    hw.add_argument("--json", action="store_true")
+    hw.set_defaults(func=cmd_hw)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

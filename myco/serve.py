@@ -1,0 +1,52 @@
+"""Run an ASGI app under uvicorn on a socket we bind ourselves, so port 0 reports its real port."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(app: Any, host: str, port: int, what: str,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; print `<what> listening on <url>` once accepting."""
+    sock = bind(host, port)
+    url = url_of(sock)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                await task
+                return
+            await asyncio.sleep(0.01)
+        print(f"{what} listening on {url}", flush=True)
+        if on_ready is not None:
+            on_ready(url)
+        await task
+
+    asyncio.run(main())
+    if not server.started:
+        sys.exit(1)

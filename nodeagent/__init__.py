@@ -1,0 +1,1 @@
+"""One machine's agent: hardware, capability, model store, model runners."""

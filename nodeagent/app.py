@@ -1,0 +1,115 @@
+"""The node agent's composition root: `create_app(settings)` serves this machine's models.
+
+    request -> check the body -> find the model in the store -> take a place in its queue ->
+    runner (started on first use) -> relay the runner's answer, bytes as they come
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from litestar import Litestar, Request, get, post
+
+from myco.errors import ModelNotFound, TargetFailed, Unavailable
+from myco.handlers import exception_handlers
+from myco.proxy import relay
+from nodeagent import capability, hardware, wire
+from nodeagent.runners import RunnerPool
+from nodeagent.settings import NodeSettings
+from nodeagent.store import ModelStore
+
+VERSION = "0.1.0"
+_BODIES: dict[str, type[wire.ChatRequest | wire.CompletionRequest | wire.EmbeddingRequest]] = {
+    "/v1/chat/completions": wire.ChatRequest, "/v1/completions": wire.CompletionRequest,
+    "/v1/embeddings": wire.EmbeddingRequest}
+
+
+class NodeAgent:
+    """The state behind the handlers: store, hardware snapshot, runner pool."""
+
+    def __init__(self, settings: NodeSettings, hw: hardware.Hardware) -> None:
+        self.settings = settings
+        self.store = ModelStore(Path(settings.models_dir))
+        self.hardware = hw  # snapshot at start: what capability is judged against
+        self.pool = RunnerPool(n_ctx=settings.n_ctx, queue_size=settings.queue_size,
+                               load_timeout=settings.load_timeout, threads=settings.threads,
+                               retry_after=settings.retry_after)
+        self.started = time.time()
+
+    @classmethod
+    async def create(cls, settings: NodeSettings) -> NodeAgent:
+        return cls(settings, await asyncio.to_thread(hardware.detect))
+
+    def capabilities(self) -> capability.Capabilities:
+        return capability.classify(self.hardware, self.store.list(), self.settings.n_ctx)
+
+    async def infer(self, request: Request[Any, Any, Any]) -> Any:
+        raw = await request.body()
+        body = wire.decode(raw, _BODIES[request.url.path])
+        meta = self.store.get(body.model)
+        if meta is None:
+            raise ModelNotFound(f"model {body.model!r} is not in this node's store "
+                                f"({self.settings.models_dir})", param="model")
+        fit = next((f for f in self.capabilities().models if f.model == meta.id), None)
+        if fit is not None and fit.fit == "none":
+            raise Unavailable(f"model {meta.id} does not fit on this node: {fit.reason}")
+        runner = await self.pool.get(meta)
+        with runner.admit():
+            try:
+                response = await runner.client.send(runner.client.build_request(
+                    "POST", request.url.path, content=raw,
+                    headers={"content-type": "application/json"}), stream=True)
+            except httpx.HTTPError as exc:
+                raise TargetFailed(f"runner for {meta.id} failed: {type(exc).__name__}") from None
+            return await relay(response, {"x-myco-node": self.settings.name})
+
+    async def info(self) -> dict[str, Any]:
+        now = await asyncio.to_thread(hardware.detect)
+        return {"name": self.settings.name, "version": VERSION,
+                "uptime_s": round(time.time() - self.started, 1),
+                "hardware": msgspec.to_builtins(now),
+                "capabilities": msgspec.to_builtins(self.capabilities()),
+                "models": [msgspec.to_builtins(m) for m in self.store.list()],
+                "loaded": sorted(self.pool.runners), "queue": self.pool.queue_depths(),
+                "n_ctx": self.settings.n_ctx}
+
+    def model_list(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.id, "object": "model", "created": 0, "owned_by": self.settings.name}
+            for m in self.store.list()]}
+
+
+def create_app(agent: NodeAgent) -> Litestar:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await agent.pool.close()
+
+    @post(list(_BODIES))
+    async def infer(request: Request[Any, Any, Any]) -> Any:
+        return await agent.infer(request)
+
+    @get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return agent.model_list()
+
+    @get("/node/info")
+    async def info() -> dict[str, Any]:
+        return await agent.info()
+
+    @get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "name": agent.settings.name}
+
+    return Litestar(route_handlers=[infer, models, info, health], lifespan=[lifespan],
+                    exception_handlers=exception_handlers({"x-myco-node": agent.settings.name}),
+                    openapi_config=None, debug=False)

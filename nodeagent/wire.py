@@ -1,0 +1,102 @@
+"""Typed request bodies the node accepts (OpenAI's shapes), checked before any model work.
+
+Unknown fields are ignored, as OpenAI's API does for clients that send newer parameters; what
+the node cannot honour (n > 1, image parts for a text-only model) is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from myco.errors import BadRequest
+
+
+class Message(msgspec.Struct, frozen=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Sampling(msgspec.Struct, frozen=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class ChatRequest(_Sampling, frozen=True):
+    messages: list[Message] = []
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling, frozen=True):
+    prompt: str | list[str] = ""
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float"] = "float"
+
+
+Body = TypeVar("Body", ChatRequest, CompletionRequest, EmbeddingRequest)
+
+
+def decode(raw: bytes, kind: type[Body]) -> Body:
+    """Decode and check a request body; every problem is a `BadRequest` naming the field."""
+    try:
+        body = msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("Expected `object`, got") and "- at" not in text:
+            raise BadRequest("request body must be a JSON object") from None
+        found = re.search(r"at `\$\.?([^`]*)`", text) or re.search(r"field `([^`]+)`", text)
+        raise BadRequest(f"invalid request: {text}", param=found.group(1) if found else None) \
+            from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if isinstance(body, ChatRequest):
+        _check_chat(body)
+    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) \
+            and len(body.prompt) != 1:
+        raise BadRequest("only one prompt per request is supported", param="prompt")
+    if isinstance(body, ChatRequest | CompletionRequest) and body.n != 1:
+        raise BadRequest("n > 1 is not supported: ask once per choice", param="n")
+    if isinstance(body, EmbeddingRequest) and isinstance(body.input, list) and not body.input:
+        raise BadRequest("input must not be empty", param="input")
+    return body
+
+
+def _check_chat(body: ChatRequest) -> None:
+    if not body.messages:
+        raise BadRequest("messages must contain at least one message", param="messages")
+    for i, message in enumerate(body.messages):
+        for part in message.content if isinstance(message.content, list) else ():
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported by "
+                                 f"this model, got {part.get('type')!r}",
+                                 param=f"messages[{i}].content")
+
+
+def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as llama-cpp-python takes them: text parts joined into one string."""
+    out = []
+    for message in messages:
+        item = {k: v for k, v in msgspec.structs.asdict(message).items() if v is not None}
+        if isinstance(message.content, list):
+            item["content"] = "".join(part["text"] for part in message.content)
+        if item["role"] == "developer":
+            item["role"] = "system"
+        out.append(item)
+    return out

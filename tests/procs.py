@@ -1,0 +1,83 @@
+"""Real processes for tests: `myco` commands and fake upstreams on loopback, port 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Proc:
+    """A child process that printed `... listening on URL`; its output is kept in `lines`."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, start_new_session=True)
+        self.url = self._wait_ready(timeout)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_ready(self, timeout: float) -> str:
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.popen.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            found = re.search(r"listening on (http://\S+)", line)
+            if found:
+                return found.group(1)
+        self.stop()
+        raise RuntimeError(f"{' '.join(self.args)} did not start:\n{''.join(self.lines)}")
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def myco(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Proc:
+    return Proc([sys.executable, "-m", "myco.cli", *args], env=env, timeout=timeout)
+
+
+def fake_upstream(name: str, *models: str) -> Proc:
+    args = [sys.executable, "-m", "bench.fake_upstream", "--name", name]
+    for model in models:
+        args += ["--model", model]
+    return Proc(args)
+
+
+def run_myco(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "myco.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})},
+                          timeout=timeout)
