@@ -26,7 +26,7 @@ from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
 from gateway.swarm import SwarmWatcher
 from gateway.wire import DryRunFields, RoutingFields, decode
-from myco.errors import (BadRequest, Denied, ModelNotFound, MycoError, TargetFailed,
+from myco.errors import (Denied, ModelNotFound, MycoError, TargetFailed,
                          Unauthorized, Unavailable)
 from myco.handlers import exception_handlers
 from myco.proxy import relay
@@ -118,6 +118,10 @@ class Gateway:
                     continue
                 except httpx.HTTPError as exc:
                     raise TargetFailed(f"{target} failed: {type(exc).__name__}: {exc}") from None
+                if upstream.is_redirect:  # never followed: it would leave the listed endpoints
+                    await upstream.aclose()
+                    raise TargetFailed(f"{target} answered with a redirect "
+                                       f"({upstream.status_code}); redirects are not followed")
                 self._record(started, request_id, endpoint, fields, client, decision, target,
                              upstream.status_code, None, raw)
                 return await relay(upstream, {"x-myco-node": target,
@@ -241,5 +245,3 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
         debug=False,
     )
 
-
-__all__ = ["BadRequest", "create_app", "Gateway"]

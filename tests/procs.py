@@ -25,7 +25,8 @@ class Proc:
             args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, start_new_session=True)
         self.url = self._wait_ready(timeout)
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
 
     def _wait_ready(self, timeout: float) -> str:
         assert self.popen.stdout is not None
@@ -62,6 +63,11 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait()
+        drainer = getattr(self, "_drainer", None)
+        if drainer is not None:
+            drainer.join(5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
         return self.popen.returncode
 
 

@@ -1,0 +1,120 @@
+"""The egress guard: only listed host:port pairs are ever connected to.
+
+A canary server counts every connection it accepts; it must see none, whatever spelling of its
+address a request uses, and also when a listed upstream redirects there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.egress import EgressDenied, EgressGuard
+from tests.conftest import PolicyFactory
+from tests.procs import Proc, fake_upstream
+
+
+class Canary:
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+
+@pytest.fixture
+def canary() -> Iterator[Canary]:
+    c = Canary()
+    yield c
+    c.sock.close()
+
+
+@pytest.fixture(scope="module")
+def listed() -> Iterator[Proc]:
+    proc = fake_upstream("listed", "m1")
+    yield proc
+    proc.stop()
+
+
+SPELLINGS = ["127.0.0.1", "localhost", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "127.1",
+             "[::ffff:127.0.0.1]", "[::ffff:7f00:1]"]
+
+
+@pytest.mark.parametrize("host", SPELLINGS)
+def test_unlisted_port_is_refused_before_connecting(canary: Canary, listed: Proc,
+                                                    host: str) -> None:
+    listed_port = int(listed.address.split(":")[1])
+
+    async def go() -> None:
+        guard = EgressGuard(httpx.AsyncHTTPTransport(), [("127.0.0.1", listed_port)])
+        async with httpx.AsyncClient(transport=guard) as client:
+            try:
+                url = httpx.URL(f"http://{host}:{canary.port}/v1/models")
+            except httpx.InvalidURL:
+                return  # httpx itself refuses this spelling: no socket either
+            with pytest.raises(EgressDenied, match="not listed in the policy"):
+                await client.get(url)
+            # The same spelling of the listed endpoint goes through.
+            ok = await client.get(f"http://{host}:{listed_port}/v1/models")
+            assert ok.status_code == 200
+
+    asyncio.run(go())
+    assert canary.connections == 0
+
+
+def test_listed_host_on_another_port_is_refused(canary: Canary) -> None:
+    async def go() -> None:
+        guard = EgressGuard(httpx.AsyncHTTPTransport(), [("127.0.0.1", canary.port + 1)])
+        async with httpx.AsyncClient(transport=guard) as client:
+            with pytest.raises(EgressDenied):
+                await client.get(f"http://127.0.0.1:{canary.port}/")
+
+    asyncio.run(go())
+    assert canary.connections == 0
+
+
+def test_gateway_does_not_follow_a_redirect_off_the_list(canary: Canary,
+                                                         start_gateway: PolicyFactory) -> None:
+    from bench.fake_upstream import make_app
+    from myco.serve import bind
+
+    import uvicorn
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(
+        make_app("redirector", redirect_to=f"http://127.0.0.1:{canary.port}/v1/chat/completions"),
+        log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        gw = start_gateway(f"""
+[upstreams.redirector]
+url = "http://127.0.0.1:{port}/v1"
+cloud = false
+[[routes]]
+match = {{ model = "*" }}
+forward = ["redirector"]
+""")
+        response = httpx.post(gw.url + "/v1/chat/completions", json={"model": "x"})
+        assert response.status_code == 502
+        assert "redirects are not followed" in response.json()["error"]["message"]
+        assert response.headers["x-myco-rule"] == "routes[0]"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+    assert canary.connections == 0
