@@ -26,8 +26,7 @@ from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
 from gateway.swarm import SwarmWatcher
 from gateway.wire import DryRunFields, RoutingFields, decode
-from myco.errors import (Denied, ModelNotFound, MycoError, TargetFailed,
-                         Unauthorized, Unavailable)
+from myco.errors import Denied, ModelNotFound, MycoError, TargetFailed, Unauthorized, Unavailable
 from myco.handlers import exception_handlers
 from myco.proxy import relay
 
@@ -163,11 +162,9 @@ class Gateway:
         offers += [(u.name, frozenset(u.models or ())) for u in self.policy.upstreams.values()]
         for target, models in offers:
             for model in sorted(models):
-                reachable = any(
-                    target in {c.target for c in resolve(RoutingRequest(kind, model, client),
-                                                         self.policy, self.watcher.views).candidates}
-                    for kind in ENDPOINT_KINDS)
-                if reachable:
+                decisions = [resolve(RoutingRequest(kind, model, client), self.policy,
+                                     self.watcher.views) for kind in ENDPOINT_KINDS]
+                if any(c.target == target for d in decisions for c in d.candidates):
                     served.setdefault(model, []).append(target)
         return [{"id": model, "object": "model", "created": 0, "owned_by": targets[0],
                  "targets": targets} for model, targets in sorted(served.items())]

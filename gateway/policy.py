@@ -142,7 +142,10 @@ class Route(msgspec.Struct, frozen=True):
             parts.append("client=" + "|".join(self.match.clients))
         if self.match.tools is not None:
             parts.append(f"tools={str(self.match.tools).lower()}")
-        action = f"deny: {self.deny}" if self.deny is not None else "forward " + ", ".join(self.forward)
+        if self.deny is not None:
+            action = f"deny: {self.deny}"
+        else:
+            action = "forward " + ", ".join(self.forward)
         return " ".join(parts) + " -> " + action
 
 

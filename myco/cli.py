@@ -136,9 +136,10 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_hw(args: argparse.Namespace) -> None:
+    from nodeagent.store import ModelStore
+
     from nodeagent import capability, hardware
     from nodeagent.settings import NodeSettings
-    from nodeagent.store import ModelStore
 
     settings = NodeSettings.from_env(models_dir=args.models, n_ctx=args.n_ctx)
     hw = hardware.detect()

@@ -100,7 +100,8 @@ class Unavailable(MycoError):
     code = "no_available_target"
 
 
-def encode_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+def encode_error(message: str, type_: str, param: str | None = None,
+                 code: str | None = None) -> bytes:
     return msgspec.json.encode(ErrorEnvelope(ErrorBody(message, type_, param, code)))
 
 

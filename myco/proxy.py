@@ -25,14 +25,16 @@ def relay_headers(response: httpx.Response, extra: dict[str, str]) -> dict[str, 
     return headers
 
 
-async def relay(response: httpx.Response, extra_headers: dict[str, str]) -> Response[bytes] | Stream:
+async def relay(response: httpx.Response,
+                extra_headers: dict[str, str]) -> Response[bytes] | Stream:
     """Turn an httpx response opened with `stream=True` into a litestar response."""
     headers = relay_headers(response, extra_headers)
     if not response.headers.get("content-type", "").startswith("text/event-stream"):
         try:
             body = await response.aread()
         except httpx.HTTPError as exc:
-            raise TargetFailed(f"upstream failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+            reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            raise TargetFailed(f"upstream failed: {reason}") from None
         finally:
             await response.aclose()
         return Response(body, status_code=response.status_code, headers=headers,

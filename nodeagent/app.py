@@ -78,6 +78,8 @@ class NodeAgent:
                 "capabilities": msgspec.to_builtins(self.capabilities()),
                 "models": [msgspec.to_builtins(m) for m in self.store.list()],
                 "loaded": sorted(self.pool.runners), "queue": self.pool.queue_depths(),
+                "runners": [{"model": k, "pid": r.process.pid, "pending": r.pending}
+                            for k, r in sorted(self.pool.runners.items())],
                 "n_ctx": self.settings.n_ctx}
 
     def model_list(self) -> dict[str, Any]:

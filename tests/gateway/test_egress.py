@@ -89,10 +89,10 @@ def test_listed_host_on_another_port_is_refused(canary: Canary) -> None:
 
 def test_gateway_does_not_follow_a_redirect_off_the_list(canary: Canary,
                                                          start_gateway: PolicyFactory) -> None:
+    import uvicorn
+
     from bench.fake_upstream import make_app
     from myco.serve import bind
-
-    import uvicorn
 
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]

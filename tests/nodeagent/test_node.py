@@ -1,0 +1,92 @@
+"""The node agent as a process: its info, its queue limit, and surviving a runner crash."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_ID
+from tests.procs import Proc, myco
+
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Count to ten."}]}
+
+
+def test_node_info(node: Proc) -> None:
+    httpx.post(node.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=120)
+    info = httpx.get(node.url + "/node/info").json()
+    assert info["name"] == "testnode"
+    assert info["hardware"]["cpu_cores"] >= 1
+    assert info["hardware"]["ram_total"] > 0
+    assert [m["id"] for m in info["models"]] == [MODEL_ID]
+    assert info["models"][0]["n_layers"] == 18
+    fits = {f["model"]: f["fit"] for f in info["capabilities"]["models"]}
+    assert fits[MODEL_ID] in ("gpu", "ram")
+    assert info["loaded"] == [MODEL_ID]
+    assert info["runners"][0]["pid"] > 0
+
+
+def test_unknown_model_at_the_node_is_404(node: Proc) -> None:
+    response = httpx.post(node.url + "/v1/chat/completions", json={**CHAT, "model": "nope"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.fixture
+def small_queue_node(models_dir: Path) -> Iterator[Proc]:
+    proc = myco("node", "--port", "0", "--models", str(models_dir), "--name", "q1",
+                "--queue-size", "1", "--n-ctx", "512")
+    yield proc
+    proc.stop()
+
+
+def test_full_queue_is_429_with_retry_after(small_queue_node: Proc) -> None:
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=small_queue_node.url, timeout=120) as client:
+            first = asyncio.create_task(client.post("/v1/chat/completions",
+                                                    json={**CHAT, "max_tokens": 24}))
+            await asyncio.sleep(0.3)  # the first is loading the model or generating
+            second = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+            return [await first, second]
+
+    first, second = asyncio.run(go())
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert second.headers["retry-after"] == "2"
+    assert second.json()["error"]["type"] == "rate_limit_error"
+    # Once the queue drains, the node serves again.
+    again = httpx.post(small_queue_node.url + "/v1/chat/completions",
+                       json={**CHAT, "max_tokens": 2}, timeout=60)
+    assert again.status_code == 200
+
+
+def test_runner_crash_fails_in_flight_requests_and_the_next_one_works(
+        small_queue_node: Proc) -> None:
+    url = small_queue_node.url
+    assert httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2},
+                      timeout=120).status_code == 200
+    pid = httpx.get(url + "/node/info").json()["runners"][0]["pid"]
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      json={**CHAT, "max_tokens": 400, "stream": True}) as response:
+        assert response.status_code == 200
+        body = b""
+        for chunk in response.iter_raw():
+            body += chunk
+            if body.count(b"data: ") == 2:
+                os.kill(pid, signal.SIGKILL)
+        # The stream ends (no hang) with an error event the client can read.
+    assert b"upstream failed mid-stream" in body
+    assert b"[DONE]" not in body
+    started = time.monotonic()
+    after = httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2},
+                       timeout=120)
+    assert after.status_code == 200, after.text
+    assert httpx.get(url + "/node/info").json()["runners"][0]["pid"] != pid
+    assert small_queue_node.popen.poll() is None  # the node agent survived
+    print(f"runner restarted and answered in {time.monotonic() - started:.2f} s")
