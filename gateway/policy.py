@@ -21,7 +21,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -271,7 +271,8 @@ def parse(text: str, source: str = "<policy>") -> Policy:
             if client not in clients:
                 raise fail((*where, "match"),
                            f"routes[{i}].match.client: {client!r} is not a listed client")
-        match = Match(m.model, _as_tuple(m.endpoint), wanted, m.tools)
+        endpoints = cast(tuple[EndpointKind, ...] | None, _as_tuple(m.endpoint))
+        match = Match(m.model, endpoints, wanted, m.tools)
         routes.append(Route(i, toml_lines.line_of(lines, where), match,
                             tuple(r.forward or ()), r.deny))
     if not routes:

@@ -77,9 +77,10 @@ def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
         return Decision(False, 403, f"no route in policy {policy.source} matches this request "
                         f"(model {request.model!r}, endpoint {request.endpoint}); "
                         "anything the policy does not list is denied")
-    rule = {"rule_index": route.index, "rule": route.text}
+    index, rule = route.index, route.text
     if route.deny is not None:
-        return Decision(False, 403, f"denied by policy rule {route.name}: {route.deny}", **rule)
+        return Decision(False, 403, f"denied by policy rule {route.name}: {route.deny}", index,
+                        rule)
 
     candidates: list[Candidate] = []
     serves_model = False
@@ -99,14 +100,14 @@ def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
 
     chosen_target = next((c.target for c in candidates if c.chosen), None)
     if chosen_target is not None:
-        return Decision(True, 200, f"forward to {chosen_target}", target=chosen_target,
-                        candidates=tuple(candidates), **rule)
+        return Decision(True, 200, f"forward to {chosen_target}", index, rule, chosen_target,
+                        tuple(candidates))
     why = "; ".join(f"{c.target}: {c.reason}" for c in candidates)
     if not serves_model:
         return Decision(False, 404, f"model {request.model!r} is not served by any target of "
-                        f"{route.name} ({why})", candidates=tuple(candidates), **rule)
-    return Decision(False, 503, f"no available target for {route.name}: {why}",
-                    candidates=tuple(candidates), **rule)
+                        f"{route.name} ({why})", index, rule, None, tuple(candidates))
+    return Decision(False, 503, f"no available target for {route.name}: {why}", index, rule,
+                    None, tuple(candidates))
 
 
 def _check(target: str, kind: str, model: str, policy: Policy,

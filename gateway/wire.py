@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import msgspec
 
@@ -33,8 +33,7 @@ _decoders = {kind: msgspec.json.Decoder(kind) for kind in (RoutingFields, DryRun
 def decode(raw: bytes, kind: type[T]) -> T:
     """Decode `raw`; bad JSON or a missing/wrong-typed routing field is a 400 naming it."""
     try:
-        result: T = _decoders[kind].decode(raw)
-        return result
+        return cast(T, _decoders[kind].decode(raw))
     except msgspec.ValidationError as exc:
         text = str(exc)
         found = re.search(r"at `\$\.?([^`]*)`", text) or re.search(r"field `([^`]+)`", text)

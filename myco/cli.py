@@ -167,7 +167,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     """Start a local node and a gateway; stop both on Ctrl-C."""
     _policy_or_exit(args.policy)
     me = [sys.executable, "-m", "myco.cli"]
-    node = subprocess.Popen([*me, "node", "--port", str(args.node_port)])
+    node = subprocess.Popen([*me, "node", "--port", str(args.node_port)], text=True)
     procs = [node]
     try:
         gateway = subprocess.Popen([*me, "gateway", "--policy", args.policy, "--port",

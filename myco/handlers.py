@@ -13,10 +13,11 @@ from myco.errors import MycoError, encode_error, type_for_status
 
 log = logging.getLogger("myco")
 
-Handler = Callable[[Request[Any, Any, Any], Exception], Response[bytes]]
+Handler = Callable[[Request[Any, Any, Any], Any], Response[Any]]
 
 
-def exception_handlers(default_headers: Mapping[str, str]) -> dict[type[Exception], Handler]:
+def exception_handlers(
+        default_headers: Mapping[str, str]) -> dict[int | type[Exception], Handler]:
     def myco_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         assert isinstance(exc, MycoError)
         return Response(exc.envelope(), status_code=exc.status, media_type="application/json",
