@@ -163,23 +163,40 @@ def cmd_hw(args: argparse.Namespace) -> None:
         print(f"  {fit.model}: {fit.fit} - {fit.reason}")
 
 
+def _wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Until `url` answers, so the gateway's first health check finds the node up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"myco: the node did not come up at {url}")
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     """Start a local node and a gateway; stop both on Ctrl-C."""
     _policy_or_exit(args.policy)
     me = [sys.executable, "-m", "myco.cli"]
-    node = subprocess.Popen([*me, "node", "--port", str(args.node_port)], text=True)
+    # Children get their own session: Ctrl-C reaches only us, and we stop them once, in order.
+    node = subprocess.Popen([*me, "node", "--port", str(args.node_port)], text=True,
+                            start_new_session=True)
     procs = [node]
     try:
+        _wait_healthy(f"http://127.0.0.1:{args.node_port}/health", node)
         gateway = subprocess.Popen([*me, "gateway", "--policy", args.policy, "--port",
-                                    str(args.port)], stdout=subprocess.PIPE, text=True)
+                                    str(args.port)], stdout=subprocess.PIPE, text=True,
+                                   start_new_session=True)
         procs.append(gateway)
         assert gateway.stdout is not None
         line = gateway.stdout.readline()
         if not line:
             raise SystemExit("myco: the gateway did not start")
         print(line, end="", flush=True)
+        url = line.rsplit(" ", 1)[-1].strip()
         print(f"\nmycoSwarm is up. In another terminal:\n\n"
-              f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1\n"
+              f"  export OPENAI_BASE_URL={url}/v1\n"
               f"  export OPENAI_API_KEY=local   # any value; the default policy asks for none\n\n"
               f"Ctrl-C stops the gateway and the node.", flush=True)
         while all(p.poll() is None for p in procs):

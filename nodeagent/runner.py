@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import struct
 import sys
 import threading
 import time
@@ -159,7 +161,13 @@ def create_app(model: Model, model_id: str) -> Starlette:
         except MycoError as exc:
             return _error(exc)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        return await answer(await model.run(model.embed, texts), False)
+        result = await model.run(model.embed, texts)
+        if body.encoding_format == "base64":  # what the openai client asks for by default
+            for item in result["data"]:
+                vector = item["embedding"]
+                item["embedding"] = base64.b64encode(
+                    struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return await answer(result, False)
 
     async def health(_: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")

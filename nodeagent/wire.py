@@ -47,7 +47,7 @@ class CompletionRequest(_Sampling, frozen=True):
 class EmbeddingRequest(msgspec.Struct, frozen=True):
     model: str
     input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 Body = TypeVar("Body", ChatRequest, CompletionRequest, EmbeddingRequest)

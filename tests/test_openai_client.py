@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import openai
 import pytest
@@ -13,9 +15,10 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def client(gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="local", max_retries=0,
-                         timeout=120)
+def client(gateway: Proc) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="local", max_retries=0,
+                       timeout=120) as client:
+        yield client
 
 
 def test_chat(client: openai.OpenAI) -> None:
