@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,14 +137,13 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_hw(args: argparse.Namespace) -> None:
-    from nodeagent.store import ModelStore
-
     from nodeagent import capability, hardware
     from nodeagent.settings import NodeSettings
+    from nodeagent.store import ModelStore
 
     settings = NodeSettings.from_env(models_dir=args.models, n_ctx=args.n_ctx)
     hw = hardware.detect()
-    models = ModelStore(__import__("pathlib").Path(settings.models_dir)).list()
+    models = ModelStore(Path(settings.models_dir)).list()
     caps = capability.classify(hw, models, settings.n_ctx)
     if args.json:
         print(json.dumps({"hardware": msgspec.to_builtins(hw),
