@@ -79,7 +79,8 @@ def make_app(name: str, models: tuple[str, ...] = ("fake-model",), chunks: int =
             payload, status = completion(model), 200
         else:
             payload, status = b'{"error":{"message":"not found","type":"x"}}', 404
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
     return app

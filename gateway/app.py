@@ -20,11 +20,12 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 
 from gateway.audit import AuditEntry, AuditLog
-from gateway.egress import EgressDenied, EgressGuard
+from gateway.egress import Egress, EgressDenied, EgressGuard
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
 from gateway.swarm import SwarmWatcher
+from gateway.upstream import Endpoint, UpstreamPool
 from gateway.wire import DryRunFields, RoutingFields, decode
 from myco.errors import Denied, ModelNotFound, MycoError, TargetFailed, Unauthorized, Unavailable
 from myco.handlers import exception_handlers
@@ -51,17 +52,22 @@ class Gateway:
     """The state behind the handlers: policy, swarm view, forwarding client, audit log."""
 
     def __init__(self, settings: GatewaySettings, policy: Policy,
-                 transport: httpx.AsyncBaseTransport | None, environ: Mapping[str, str]) -> None:
+                 environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.policy = policy
         self.keys = client_keys(policy, environ)
         self.upstream_keys = {u.name: environ.get(u.api_key_env, "")
                               for u in policy.upstreams.values() if u.api_key_env}
-        inner = transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
-        self.client = httpx.AsyncClient(transport=EgressGuard(inner, policy.endpoints()),
-                                        timeout=timeout, follow_redirects=False)
+        egress = Egress(policy.endpoints())
+        self.pool = UpstreamPool(egress, connect_timeout=settings.connect_timeout,
+                                 read_timeout=settings.read_timeout)
+        self.endpoints = {name: Endpoint.from_url(self.base_url(name))
+                          for name in [*policy.nodes, *policy.upstreams]}
+        # Health checks: httpx, behind the same egress check; no proxies from the environment
+        # (a proxy would be a destination the policy did not list), no redirects.
+        self.client = httpx.AsyncClient(
+            transport=EgressGuard(httpx.AsyncHTTPTransport(), egress), trust_env=False,
+            follow_redirects=False, timeout=settings.health_timeout)
         self.watcher = SwarmWatcher(policy.nodes, self.client, interval=settings.health_interval,
                                     timeout=settings.health_timeout)
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
@@ -105,9 +111,8 @@ class Gateway:
             failures: list[str] = []
             for target in decision.eligible:
                 try:
-                    upstream = await self.client.send(self.client.build_request(
-                        "POST", self.base_url(target) + _PATHS[endpoint], content=raw,
-                        headers=self.headers_for(target, request)), stream=True)
+                    upstream = await self.pool.send(self.endpoints[target], _PATHS[endpoint],
+                                                    self.headers_for(target, request), raw)
                 except EgressDenied as exc:
                     raise TargetFailed(str(exc)) from None
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -182,9 +187,8 @@ class Gateway:
 
 
 def create_app(settings: GatewaySettings, policy: Policy, *,
-               transport: httpx.AsyncBaseTransport | None = None,
                environ: Mapping[str, str] = os.environ) -> Litestar:
-    gateway = Gateway(settings, policy, transport, environ)
+    gateway = Gateway(settings, policy, environ)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -193,6 +197,7 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
             yield
         finally:
             await gateway.watcher.stop()
+            await gateway.pool.aclose()
             await gateway.client.aclose()
             gateway.audit.close()
 

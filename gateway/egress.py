@@ -1,12 +1,12 @@
-"""The egress guard: the forwarding client may only connect to what the policy lists.
+"""The egress guard: the gateway may only connect to what the policy lists.
 
-`EgressGuard` wraps an httpx transport.  For every request it resolves the URL's host (numeric
-spellings such as `2130706433`, `0x7f.1` or `[::ffff:127.0.0.1]` included, because the system
-resolver is what a socket would use), and lets it through only if a resolved address with the
-URL's port is one of the listed endpoints.  The request then goes to that checked address, so a
-name cannot resolve differently between the check and the connect.  Anything else raises
-`EgressDenied` before a socket is opened.  Redirects are never followed by the client that owns
-this transport.
+`Egress.address_for(host, port)` resolves `host` (numeric spellings such as `2130706433`,
+`0x7f.1` or `[::ffff:127.0.0.1]` included, because the system resolver is what a socket would
+use) and returns an address that, with `port`, is one of the listed endpoints; anything else
+raises `EgressDenied`.  Callers then connect to that checked address, so a name cannot resolve
+differently between the check and the connect.  Both ways out of the gateway go through it:
+the forwarding pool (`gateway/upstream.py`) when it opens a connection, and `EgressGuard`, the
+httpx transport wrapper the health checks use.  Redirects are never followed.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ class EgressDenied(httpx.TransportError):
     """The destination is not listed in the policy."""
 
 
-
-
 def canonical_ip(address: str) -> str:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -40,10 +38,10 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return [canonical_ip(str(info[4][0])) for info in infos]
 
 
-class EgressGuard(httpx.AsyncBaseTransport):
-    def __init__(self, inner: httpx.AsyncBaseTransport, allowed: Iterable[tuple[str, int]],
-                 *, ttl: float = 30.0) -> None:
-        self._inner = inner
+class Egress:
+    """The listed endpoints, resolved (and re-resolved every `ttl` seconds)."""
+
+    def __init__(self, allowed: Iterable[tuple[str, int]], *, ttl: float = 30.0) -> None:
         self._listed = [(host.strip("[]").lower(), port) for host, port in allowed]
         self._ttl = ttl
         self._cache: dict[str, tuple[float, list[str]]] = {}
@@ -70,18 +68,28 @@ class EgressGuard(httpx.AsyncBaseTransport):
             self._allowed, self._allowed_at = allowed, time.monotonic()
         return self._allowed
 
+    async def address_for(self, host: str, port: int) -> str:
+        allowed = await self._allowed_addresses()
+        for address in await self._addresses(host, port):
+            if (address, port) in allowed:
+                return address
+        raise EgressDenied(f"egress to {host}:{port} refused: not listed in the policy")
+
+
+class EgressGuard(httpx.AsyncBaseTransport):
+    """An httpx transport that lets a request through only to a listed endpoint."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, egress: Egress) -> None:
+        self._inner = inner
+        self._egress = egress
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
-        allowed = await self._allowed_addresses()
-        checked = next((a for a in await self._addresses(host, port) if (a, port) in allowed), None)
-        if checked is None:
-            raise EgressDenied(f"egress to {host}:{port} refused: not listed in the policy",
-                               request=request)
-        if checked != host:
+        checked = await self._egress.address_for(url.host, port)
+        if checked != url.host:
             if url.scheme == "https":
-                request.extensions = {**request.extensions, "sni_hostname": host}
+                request.extensions = {**request.extensions, "sni_hostname": url.host}
             request.url = url.copy_with(host=checked)
         return await self._inner.handle_async_request(request)
 

@@ -6,7 +6,8 @@ The upstream response is always closed, also when the client goes away mid-strea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import httpx
 from litestar import Response
@@ -19,13 +20,25 @@ _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-leng
                   "content-encoding", "server", "date"})
 
 
-def relay_headers(response: httpx.Response, extra: dict[str, str]) -> dict[str, str]:
+class Upstream(Protocol):
+    """What the relay needs of a response: httpx.Response and gateway.upstream both have it."""
+
+    status_code: int
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    async def aread(self) -> bytes: ...
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+    async def aclose(self) -> None: ...
+
+
+def relay_headers(response: Upstream, extra: dict[str, str]) -> dict[str, str]:
     headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP}
     headers.update(extra)
     return headers
 
 
-async def relay(response: httpx.Response,
+async def relay(response: Upstream,
                 extra_headers: dict[str, str]) -> Response[bytes] | Stream:
     """Turn an httpx response opened with `stream=True` into a litestar response."""
     headers = relay_headers(response, extra_headers)
@@ -43,7 +56,7 @@ async def relay(response: httpx.Response,
                   media_type="text/event-stream")
 
 
-async def _chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _chunks(response: Upstream) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk

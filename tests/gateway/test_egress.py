@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.egress import EgressDenied, EgressGuard
+from gateway.egress import Egress, EgressDenied, EgressGuard
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
 
@@ -60,7 +60,7 @@ def test_unlisted_port_is_refused_before_connecting(canary: Canary, listed: Proc
     listed_port = int(listed.address.split(":")[1])
 
     async def go() -> None:
-        guard = EgressGuard(httpx.AsyncHTTPTransport(), [("127.0.0.1", listed_port)])
+        guard = EgressGuard(httpx.AsyncHTTPTransport(), Egress([("127.0.0.1", listed_port)]))
         async with httpx.AsyncClient(transport=guard) as client:
             try:
                 url = httpx.URL(f"http://{host}:{canary.port}/v1/models")
@@ -78,7 +78,7 @@ def test_unlisted_port_is_refused_before_connecting(canary: Canary, listed: Proc
 
 def test_listed_host_on_another_port_is_refused(canary: Canary) -> None:
     async def go() -> None:
-        guard = EgressGuard(httpx.AsyncHTTPTransport(), [("127.0.0.1", canary.port + 1)])
+        guard = EgressGuard(httpx.AsyncHTTPTransport(), Egress([("127.0.0.1", canary.port + 1)]))
         async with httpx.AsyncClient(transport=guard) as client:
             with pytest.raises(EgressDenied):
                 await client.get(f"http://127.0.0.1:{canary.port}/")
