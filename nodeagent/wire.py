@@ -50,7 +50,7 @@ class EmbeddingRequest(msgspec.Struct, frozen=True):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-Body = TypeVar("Body", ChatRequest, CompletionRequest, EmbeddingRequest)
+Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest)
 
 
 def decode(raw: bytes, kind: type[Body]) -> Body:
