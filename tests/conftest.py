@@ -15,9 +15,8 @@ MODEL_ID = "gemma-3-270m-q4_k_m"
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, assembled once (reusing the copy `make` put in the model dir)."""
-    from nodeagent.store import default_models_dir
-
     from nodeagent.default_model import assemble
+    from nodeagent.store import default_models_dir
 
     existing = default_models_dir() / f"{MODEL_ID}.gguf"
     if existing.exists():
