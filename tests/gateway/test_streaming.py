@@ -1,0 +1,85 @@
+"""Streams are relayed as they arrive, and a client that hangs up closes the upstream stream."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import PolicyFactory
+from tests.procs import Proc
+
+
+class SlowStream:
+    """An upstream that sends one SSE event, waits, then another; notes when its peer leaves."""
+
+    def __init__(self, pause: float) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.pause = pause
+        self.peer_gone = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            try:
+                for i in range(50):
+                    data = b"data: {\"n\": %d}\n\n" % i
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+                    time.sleep(self.pause)
+                conn.sendall(b"0\r\n\r\n")
+            except OSError:
+                self.peer_gone.set()
+
+
+@pytest.fixture
+def slow() -> Iterator[SlowStream]:
+    server = SlowStream(pause=0.5)
+    yield server
+    server.sock.close()
+
+
+@pytest.fixture
+def gw(slow: SlowStream, start_gateway: PolicyFactory) -> Proc:
+    return start_gateway(f"""
+[upstreams.slow]
+url = "http://127.0.0.1:{slow.port}/v1"
+cloud = false
+[[routes]]
+match = {{ model = "*" }}
+forward = ["slow"]
+""")
+
+
+def test_first_event_arrives_before_the_second_is_sent(gw: Proc) -> None:
+    started = time.monotonic()
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "m", "stream": True}) as response:
+        assert response.headers["x-myco-node"] == "slow"
+        first = next(response.iter_raw())
+        elapsed = time.monotonic() - started
+    assert first.startswith(b'data: {"n": 0}')
+    assert elapsed < 0.4, f"first event took {elapsed:.2f} s: the relay buffered"
+
+
+def test_client_hanging_up_closes_the_upstream_stream(gw: Proc, slow: SlowStream) -> None:
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "m", "stream": True}) as response:
+        next(response.iter_raw())
+    # The upstream notices within a couple of its sends that nobody is reading any more.
+    assert slow.peer_gone.wait(5), "the gateway kept the upstream stream open"
