@@ -33,7 +33,7 @@ up: setup model
 lint: $(VENV)/.test
 	@bash scripts/line-budget.sh
 	$(BIN)/ruff check .
-	$(BIN)/mypy gateway myco nodeagent
+	$(BIN)/mypy gateway myco nodeagent bench
 
 test: lint model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,19 @@
+"""The benchmarks keep running (a smoke run; what they measure is read from their output,
+never asserted as timings here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.procs import ROOT
+
+
+def test_gateway_overhead_bench_runs_without_errors() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.gateway_overhead", "--quick",
+                             "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    assert measured["errors"] == 0
+    assert measured["rps_gateway"] > 0 and measured["seq_gateway_p50_ms"] > 0
