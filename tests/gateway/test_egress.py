@@ -7,7 +7,6 @@ address a request uses, and also when a listed upstream redirects there.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -17,30 +16,14 @@ import pytest
 from gateway.egress import Egress, EgressDenied, EgressGuard
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
-
-
-class Canary:
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
+from tests.rawserver import RawServer
 
 
 @pytest.fixture
-def canary() -> Iterator[Canary]:
-    c = Canary()
-    yield c
-    c.sock.close()
+def canary() -> Iterator[RawServer]:
+    server = RawServer(lambda conn: None)  # counts connections, answers nothing
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +38,7 @@ SPELLINGS = ["127.0.0.1", "localhost", "2130706433", "0x7f.0.0.1", "0177.0.0.1",
 
 
 @pytest.mark.parametrize("host", SPELLINGS)
-def test_unlisted_port_is_refused_before_connecting(canary: Canary, listed: Proc,
+def test_unlisted_port_is_refused_before_connecting(canary: RawServer, listed: Proc,
                                                     host: str) -> None:
     listed_port = int(listed.address.split(":")[1])
 
@@ -73,10 +56,10 @@ def test_unlisted_port_is_refused_before_connecting(canary: Canary, listed: Proc
             assert ok.status_code == 200
 
     asyncio.run(go())
-    assert canary.connections == 0
+    assert canary.accepted == 0
 
 
-def test_listed_host_on_another_port_is_refused(canary: Canary) -> None:
+def test_listed_host_on_another_port_is_refused(canary: RawServer) -> None:
     async def go() -> None:
         guard = EgressGuard(httpx.AsyncHTTPTransport(), Egress([("127.0.0.1", canary.port + 1)]))
         async with httpx.AsyncClient(transport=guard) as client:
@@ -84,10 +67,10 @@ def test_listed_host_on_another_port_is_refused(canary: Canary) -> None:
                 await client.get(f"http://127.0.0.1:{canary.port}/")
 
     asyncio.run(go())
-    assert canary.connections == 0
+    assert canary.accepted == 0
 
 
-def test_gateway_does_not_follow_a_redirect_off_the_list(canary: Canary,
+def test_gateway_does_not_follow_a_redirect_off_the_list(canary: RawServer,
                                                          start_gateway: PolicyFactory) -> None:
     import uvicorn
 
@@ -117,4 +100,4 @@ forward = ["redirector"]
     finally:
         server.should_exit = True
         thread.join(5)
-    assert canary.connections == 0
+    assert canary.accepted == 0

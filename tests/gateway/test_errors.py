@@ -3,8 +3,6 @@ the right status, never a 500 or a hang, and the gateway keeps serving afterward
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -12,25 +10,15 @@ import pytest
 
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
+from tests.rawserver import RawServer
 
 
 @pytest.fixture(scope="module")
 def hangup_port() -> Iterator[int]:
-    """A server that accepts a connection and closes it without answering."""
-    sock = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield sock.getsockname()[1]
-    sock.close()
+    """A server that reads a request and closes the connection without answering."""
+    server = RawServer(lambda conn: conn.recv(65536))
+    yield server.port
+    server.close()
 
 
 @pytest.fixture(scope="module")

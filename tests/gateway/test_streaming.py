@@ -12,46 +12,36 @@ import pytest
 
 from tests.conftest import PolicyFactory
 from tests.procs import Proc
+from tests.rawserver import RawServer
 
 
-class SlowStream:
-    """An upstream that sends one SSE event, waits, then another; notes when its peer leaves."""
+class SlowStream(RawServer):
+    """An upstream that sends an SSE event every `pause` seconds; notes when its peer leaves."""
 
     def __init__(self, pause: float) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.pause = pause
         self.peer_gone = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        super().__init__(self._answer)
 
     def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n")
-            try:
-                for i in range(50):
-                    data = b"data: {\"n\": %d}\n\n" % i
-                    conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
-                    time.sleep(self.pause)
-                conn.sendall(b"0\r\n\r\n")
-            except OSError:
-                self.peer_gone.set()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        try:
+            for i in range(50):
+                data = b"data: {\"n\": %d}\n\n" % i
+                conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+                time.sleep(self.pause)
+            conn.sendall(b"0\r\n\r\n")
+        except OSError:
+            self.peer_gone.set()
 
 
 @pytest.fixture
 def slow() -> Iterator[SlowStream]:
     server = SlowStream(pause=0.5)
     yield server
-    server.sock.close()
+    server.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,52 +12,39 @@ import pytest
 
 from gateway.egress import Egress, EgressDenied
 from gateway.upstream import Endpoint, UpstreamPool
+from tests.rawserver import RawServer
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
 
-class Server:
-    """Accepts connections; `reply(conn, request_number_on_conn)` answers each request."""
+Reply = Callable[[socket.socket, int], object]  # (connection, request number) -> keep going?
 
-    def __init__(self, reply: Callable[[socket.socket, int], bool]) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._reply = reply
-        threading.Thread(target=self._serve, daemon=True).start()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+def per_request(reply: Reply) -> Callable[[socket.socket], None]:
+    def handle(conn: socket.socket) -> None:
+        n = 0
+        while conn.recv(65536):
+            n += 1
+            if not reply(conn, n):
                 return
-            self.accepted += 1
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
 
-    def _conn(self, conn: socket.socket) -> None:
-        with conn:
-            n = 0
-            while conn.recv(65536):
-                n += 1
-                if not self._reply(conn, n):
-                    return
+    return handle
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[socket.socket, int], bool]], Server]]:
-    servers: list[Server] = []
+def serve() -> Iterator[Callable[[Reply], RawServer]]:
+    servers: list[RawServer] = []
 
-    def start(reply: Callable[[socket.socket, int], bool]) -> Server:
-        servers.append(Server(reply))
+    def start(reply: Reply) -> RawServer:
+        servers.append(RawServer(per_request(reply)))
         return servers[-1]
 
     yield start
     for server in servers:
-        server.sock.close()
+        server.close()
 
 
-def run(server: Server, *bodies: bytes, read_timeout: float = 5) -> list[bytes]:
+def run(server: RawServer, *bodies: bytes, read_timeout: float = 5) -> list[bytes]:
     async def go() -> list[bytes]:
         pool = UpstreamPool(Egress([("127.0.0.1", server.port)]), connect_timeout=2,
                             read_timeout=read_timeout)
@@ -76,13 +62,13 @@ def run(server: Server, *bodies: bytes, read_timeout: float = 5) -> list[bytes]:
     return asyncio.run(go())
 
 
-def test_keep_alive_connections_are_reused(serve: Callable[..., Server]) -> None:
+def test_keep_alive_connections_are_reused(serve: Callable[[Reply], RawServer]) -> None:
     server = serve(lambda conn, n: conn.sendall(OK) or True)
     assert run(server, b"1", b"2", b"3") == [b"{}"] * 3
     assert server.accepted == 1
 
 
-def test_connection_close_is_honoured(serve: Callable[..., Server]) -> None:
+def test_connection_close_is_honoured(serve: Callable[[Reply], RawServer]) -> None:
     close = OK.replace(b"content-length", b"connection: close\r\ncontent-length")
     server = serve(lambda conn, n: conn.sendall(close) and False)
     assert run(server, b"1", b"2") == [b"{}"] * 2
@@ -90,14 +76,14 @@ def test_connection_close_is_honoured(serve: Callable[..., Server]) -> None:
 
 
 def test_a_stale_idle_connection_is_retried_once_on_a_new_one(
-        serve: Callable[..., Server]) -> None:
+        serve: Callable[[Reply], RawServer]) -> None:
     # Answers the first request on each connection, then hangs up on the next one unanswered.
     server = serve(lambda conn, n: n == 1 and (conn.sendall(OK) or True))
     assert run(server, b"1", b"2") == [b"{}"] * 2
     assert server.accepted == 2
 
 
-def test_chunked_body_streams_in_pieces(serve: Callable[..., Server]) -> None:
+def test_chunked_body_streams_in_pieces(serve: Callable[[Reply], RawServer]) -> None:
     def reply(conn: socket.socket, n: int) -> bool:
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                      b"transfer-encoding: chunked\r\n\r\n")
@@ -123,19 +109,19 @@ def test_chunked_body_streams_in_pieces(serve: Callable[..., Server]) -> None:
     assert asyncio.run(go()) == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
 
 
-def test_silence_is_a_read_timeout_not_a_hang(serve: Callable[..., Server]) -> None:
+def test_silence_is_a_read_timeout_not_a_hang(serve: Callable[[Reply], RawServer]) -> None:
     server = serve(lambda conn, n: time.sleep(2) or False)
     with pytest.raises(httpx.ReadTimeout):
         run(server, b"1", read_timeout=0.2)
 
 
-def test_mid_response_hangup_is_a_protocol_error(serve: Callable[..., Server]) -> None:
+def test_mid_response_hangup_is_a_protocol_error(serve: Callable[[Reply], RawServer]) -> None:
     server = serve(lambda conn, n: conn.sendall(OK[:-1].replace(b"2\r\n", b"20\r\n")) and False)
     with pytest.raises(httpx.RemoteProtocolError):
         run(server, b"1")
 
 
-def test_unlisted_endpoint_never_connects(serve: Callable[..., Server]) -> None:
+def test_unlisted_endpoint_never_connects(serve: Callable[[Reply], RawServer]) -> None:
     server = serve(lambda conn, n: conn.sendall(OK) or True)
 
     async def go() -> None:
