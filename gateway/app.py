@@ -244,6 +244,7 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
         exception_handlers=exception_handlers({"x-myco-node": "-", "x-myco-rule": "none"}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
+        logging_config=None,  # keep the CLI's log format
         debug=False,
     )
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         if not line:
             raise SystemExit("myco: the gateway did not start")
         print(line, end="", flush=True)
+        stdout = gateway.stdout
+        threading.Thread(target=lambda: [print(x, end="", flush=True) for x in stdout],
+                         daemon=True).start()  # keep the pipe drained
         url = line.rsplit(" ", 1)[-1].strip()
         print(f"\nmycoSwarm is up. In another terminal:\n\n"
               f"  export OPENAI_BASE_URL={url}/v1\n"

@@ -49,6 +49,9 @@ def serve(app: Any, host: str, port: int, what: str,
             on_ready(url)
         await task
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the SIGINT it handled, after its graceful shutdown
     if not server.started:
         sys.exit(1)

@@ -114,4 +114,4 @@ def create_app(agent: NodeAgent) -> Litestar:
 
     return Litestar(route_handlers=[infer, models, info, health], lifespan=[lifespan],
                     exception_handlers=exception_handlers({"x-myco-node": agent.settings.name}),
-                    openapi_config=None, debug=False)
+                    openapi_config=None, logging_config=None, debug=False)

@@ -88,6 +88,7 @@ def test_up_prints_the_base_url_and_ctrl_c_stops_both(tmp_path: Path, models_dir
     rest = proc.stdout.read()
     proc.stdout.close()
     assert "myco: stopping" in rest
+    assert "Traceback" not in rest
     for p in (port, node_port):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{p}/health", timeout=2)
