@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 from collections.abc import Callable
@@ -49,9 +50,8 @@ def serve(app: Any, host: str, port: int, what: str,
             on_ready(url)
         await task
 
-    try:
+    # uvicorn re-raises the SIGINT it handled, after its graceful shutdown: that is our exit.
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the SIGINT it handled, after its graceful shutdown
     if not server.started:
         sys.exit(1)
