@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from myco.errors import MycoError
-from nodeagent import wire
+from nodeagent import generate, wire
 
 _DONE = object()
 
@@ -37,9 +37,8 @@ _DONE = object()
 class Model:
     """One GGUF model: a generation context, and an embedding context made on first use."""
 
-    def __init__(self, path: str, *, n_ctx: int, chat_format: str | None,
-                 threads: int | None) -> None:
-        self.path, self.n_ctx, self.chat_format, self.threads = path, n_ctx, chat_format, threads
+    def __init__(self, path: str, *, n_ctx: int, threads: int | None) -> None:
+        self.path, self.n_ctx, self.threads = path, n_ctx, threads
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._llm: Any = None
         self._embedder: Any = None
@@ -48,14 +47,19 @@ class Model:
         from llama_cpp import Llama  # the node's extra; never imported by the gateway
 
         return Llama(model_path=self.path, n_ctx=self.n_ctx, n_gpu_layers=-1,
-                     n_threads=self.threads, chat_format=self.chat_format, verbose=False,
+                     n_threads=self.threads, verbose=False,
                      **extra)
 
     def load(self) -> None:
         self._llm = self._open()
 
-    def chat(self, **kwargs: Any) -> Any:
-        return self._llm.create_chat_completion(**kwargs)
+    def chat(self, body: wire.ChatRequest, model_id: str) -> Any:
+        prep = generate.prepare(self._llm, body)
+        return generate.chat_once(self._llm, prep, body, model_id)
+
+    def chat_stream(self, body: wire.ChatRequest, model_id: str) -> Iterator[Any]:
+        prep = generate.prepare(self._llm, body)
+        yield from generate.chat_stream(self._llm, prep, body, model_id)
 
     def complete(self, **kwargs: Any) -> Any:
         return self._llm.create_completion(**kwargs)
@@ -138,11 +142,10 @@ def create_app(model: Model, model_id: str) -> Starlette:
             body = wire.decode(await request.body(), wire.ChatRequest)
         except MycoError as exc:
             return _error(exc)
-        args = {"messages": wire.message_dicts(body.messages),
-                "max_tokens": body.max_completion_tokens or body.max_tokens, **_sampling(body)}
         if body.stream:
-            return await answer(model.stream(model.chat, **args), True)
-        return await answer(await model.run(model.chat, **args), False)
+            return await answer(model.stream(model.chat_stream, body=body, model_id=model_id),
+                                True)
+        return await answer(await model.run(model.chat, body, model_id), False)
 
     async def completions(request: Request) -> Response:
         try:
@@ -192,14 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--id", required=True)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--n-ctx", type=int, default=4096)
-    parser.add_argument("--chat-format")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
 
     import uvicorn
 
-    model = Model(args.model, n_ctx=args.n_ctx, chat_format=args.chat_format,
-                  threads=args.threads)
+    model = Model(args.model, n_ctx=args.n_ctx, threads=args.threads)
     print(f"runner[{args.id}]: loading {args.model} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     model.load()

@@ -25,15 +25,6 @@ from nodeagent.store import ModelMeta
 log = logging.getLogger("myco.node.runners")
 
 
-def chat_format_for(meta: ModelMeta) -> str | None:
-    """The model's own template when it has one; Gemma GGUFs without one get "gemma"."""
-    if meta.chat_template:
-        return None  # llama-cpp-python reads tokenizer.chat_template itself
-    if meta.architecture.startswith("gemma"):
-        return "gemma"
-    return None
-
-
 class Runner:
     def __init__(self, meta: ModelMeta, process: asyncio.subprocess.Process, socket: str,
                  queue_size: int, retry_after: int) -> None:
@@ -125,9 +116,6 @@ class RunnerPool:
             os.unlink(socket)
         args = [sys.executable, "-m", "nodeagent.runner", "--model", meta.path, "--id", meta.id,
                 "--socket", socket, "--n-ctx", str(self._n_ctx)]
-        fmt = chat_format_for(meta)
-        if fmt:
-            args += ["--chat-format", fmt]
         if self._threads:
             args += ["--threads", str(self._threads)]
         log.info("starting runner for %s (%.0f MB)", meta.id, meta.file_size / 1e6)

@@ -35,9 +35,56 @@ class _Sampling(msgspec.Struct, frozen=True):
     frequency_penalty: float | None = None
 
 
+class Function(msgspec.Struct, frozen=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, frozen=True):
+    function: Function
+    type: Literal["function"] = "function"
+
+
+class NamedChoice(msgspec.Struct, frozen=True):
+    function: dict[str, str]
+    type: Literal["function"] = "function"
+
+
+class JsonSchemaFormat(msgspec.Struct, frozen=True):
+    name: str = "response"
+    schema: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, frozen=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
 class ChatRequest(_Sampling, frozen=True):
     messages: list[Message] = []
     max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    stream_options: StreamOptions | None = None
+    # Parameters we cannot honour: refused by name rather than silently ignored.
+    logprobs: bool | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+
+    @property
+    def chosen_function(self) -> str | None:
+        return self.tool_choice.function.get("name") \
+            if isinstance(self.tool_choice, NamedChoice) else None
 
 
 class CompletionRequest(_Sampling, frozen=True):
@@ -81,6 +128,23 @@ def decode(raw: bytes, kind: type[Body]) -> Body:
 def _check_chat(body: ChatRequest) -> None:
     if not body.messages:
         raise BadRequest("messages must contain at least one message", param="messages")
+    for param, value in (("logprobs", body.logprobs), ("audio", body.audio),
+                         ("prediction", body.prediction)):
+        if value:
+            raise BadRequest(f"{param} is not supported by this node", param=param)
+    if body.functions is not None:
+        raise BadRequest("the legacy `functions` parameter is not supported: use `tools`",
+                         param="functions")
+    names = [t.function.name for t in body.tools or ()]
+    if body.tool_choice is not None and body.tool_choice != "none" and not names:
+        raise BadRequest("tool_choice needs tools", param="tool_choice")
+    if body.chosen_function is not None and body.chosen_function not in names:
+        raise BadRequest(f"tool_choice names {body.chosen_function!r}, which is not in tools",
+                         param="tool_choice")
+    if body.response_format is not None and body.response_format.type == "json_schema" \
+            and body.response_format.json_schema is None:
+        raise BadRequest("response_format json_schema needs `json_schema`",
+                         param="response_format")
     for i, message in enumerate(body.messages):
         for part in message.content if isinstance(message.content, list) else ():
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
