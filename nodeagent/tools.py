@@ -87,7 +87,7 @@ class CallParser:
 
     def __init__(self, mode: Mode) -> None:
         self.buf = ""
-        self.state = {"auto": "undecided", "forced": "between"}.get(mode, "content")
+        self.state = {"auto": "undecided", "forced": "between"}.get(mode, "plain")
         self.pos = 0  # how far buf has been turned into events
         self.calls = 0
         self._depth = 0
@@ -109,6 +109,9 @@ class CallParser:
             if text:
                 self.state = "between" if text[0] == "<" else "content"
             return []
+        if self.state == "plain":  # no tools offered: whatever the text says, it is content
+            text, self.pos = self.buf[self.pos:], len(self.buf)
+            return [Event("content", text)] if text else []
         if self.state == "content":  # the grammar keeps "<" out of text: it opens a call
             end = self.buf.find("<", self.pos)
             if end >= 0:

@@ -113,6 +113,13 @@ def test_auto_text_then_a_call() -> None:
                                 ("args", '{"x": 2}', 0)]
 
 
+@pytest.mark.parametrize("mode", ["text", "json"])
+def test_without_tools_a_call_shaped_text_stays_content(mode: tools.Mode) -> None:
+    parser = tools.CallParser(mode)
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert collapse(parser.feed(text)) == [("content", text, 0)]
+
+
 def test_a_cut_off_first_call_is_kept_with_length() -> None:
     parser = tools.CallParser("forced")
     assert collapse(parser.feed('<tool_call>{"name": "f", "arguments": {"x": ')) == [
