@@ -125,3 +125,15 @@ def test_a_cut_off_first_call_is_kept_with_length() -> None:
     assert collapse(parser.feed('<tool_call>{"name": "f", "arguments": {"x": ')) == [
         ("call", "f", 0), ("args", '{"x": ', 0)]
     assert parser.complete_calls == 0
+
+
+def test_a_models_own_template_is_used_with_tools() -> None:
+    template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
+                "{% if tools %}TOOLS:{{ tools | map(attribute='function.name') | join(',') }}"
+                "{% endif %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    body = request(tools=[TOOL], messages=[{"role": "developer", "content": "Be brief."},
+                                           {"role": "user", "content": "hi"}])
+    prompt, stop = chat.render_template(template, "<s>", "</s>",
+                                        wire.message_dicts(body.messages), body.tools)
+    assert prompt == "[system]Be brief.\n[user]hi\nTOOLS:f[assistant]"
+    assert stop == ["</s>"]
