@@ -95,9 +95,9 @@ def main() -> None:
     parser.add_argument("--name", default="fake")
     parser.add_argument("--model", action="append")
     args = parser.parse_args()
-    from myco.serve import serve
+    from myco.serve import bind, serve
 
-    serve(make_app(args.name, tuple(args.model or ["fake-model"])), args.host, args.port,
+    serve(make_app(args.name, tuple(args.model or ["fake-model"])), bind(args.host, args.port),
           f"fake upstream {args.name}")
     del uvicorn
 

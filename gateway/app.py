@@ -20,6 +20,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 
 from gateway.audit import AuditEntry, AuditLog
+from gateway.discovery import Discovery
 from gateway.egress import Egress, EgressDenied, EgressGuard
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
@@ -71,6 +72,7 @@ class Gateway:
         self.watcher = SwarmWatcher(policy.nodes, self.client, interval=settings.health_interval,
                                     timeout=settings.health_timeout)
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
+        self.discovery = Discovery(settings.discover) if settings.discover else None
 
     def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
         if not self.keys:
@@ -193,9 +195,13 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await gateway.watcher.start()
+        if gateway.discovery is not None:
+            await gateway.discovery.start()
         try:
             yield
         finally:
+            if gateway.discovery is not None:
+                await gateway.discovery.stop()
             await gateway.watcher.stop()
             await gateway.pool.aclose()
             await gateway.client.aclose()
@@ -230,7 +236,8 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
     @get("/v1/swarm")
     async def swarm(request: Request[Any, Any, Any]) -> dict[str, Any]:
         gateway.authenticate(request)
-        return {"nodes": gateway.swarm()}
+        discovered = gateway.discovery.snapshot(policy) if gateway.discovery else []
+        return {"nodes": gateway.swarm(), "discovered": discovered}
 
     @get("/health")
     async def health() -> dict[str, Any]:

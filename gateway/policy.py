@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from gateway import toml_lines
+from myco.identity import parse_id
 
 _T = TypeVar("_T")
 EndpointKind = Literal["chat", "completions", "embeddings"]
@@ -45,6 +46,7 @@ class PolicyError(Exception):
 
 class _Node(msgspec.Struct, forbid_unknown_fields=True):
     address: str
+    id: str | None = None  # the node's identity (`myco node id`); pinned when given
 
 
 class _Upstream(msgspec.Struct, forbid_unknown_fields=True):
@@ -92,6 +94,7 @@ class _File(msgspec.Struct, forbid_unknown_fields=True):
 class Node(msgspec.Struct, frozen=True):
     name: str
     address: str  # host:port
+    id: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -238,7 +241,13 @@ def parse(text: str, source: str = "<policy>") -> Policy:
             split_host_port(node.address)
         except ValueError as exc:
             raise fail(("nodes", name, "address"), f"nodes.{name}.address: {exc}") from None
-        nodes[name] = Node(name, node.address)
+        node_id = None
+        if node.id is not None:
+            try:
+                node_id = parse_id(node.id)
+            except ValueError as exc:
+                raise fail(("nodes", name, "id"), f"nodes.{name}.id: {exc}") from None
+        nodes[name] = Node(name, node.address, node_id)
 
     upstreams: dict[str, Upstream] = {}
     for name, up in _entries(doc.upstreams, _Upstream, "upstreams", convert):

@@ -19,6 +19,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     health_timeout: float = 1.5
     connect_timeout: float = 3.0
     read_timeout: float = 600.0  # a long generation without streaming
+    discover: str | None = None  # interface address to browse mDNS on; None: no discovery
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> GatewaySettings:

@@ -40,36 +40,43 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.policy import PolicyError
     from gateway.settings import GatewaySettings
-    from myco.serve import serve
+    from myco.serve import bind, serve
 
     _log_setup()
     settings = GatewaySettings.from_env(policy_path=args.policy, host=args.host, port=args.port,
-                                        audit_path=args.audit_log)
+                                        audit_path=args.audit_log, discover=args.discover)
     policy = _policy_or_exit(settings.policy_path)
     try:
         app = create_app(settings, policy)
     except PolicyError as exc:
         print(f"myco: invalid policy: {exc}", file=sys.stderr)
         sys.exit(2)
-    serve(app, settings.host, settings.port, "myco gateway")
+    serve(app, bind(settings.host, settings.port), "myco gateway")
 
 
 def cmd_node(args: argparse.Namespace) -> None:
-    from myco.serve import serve
+    from myco.identity import load_or_create
+    from myco.serve import bind, serve
     from nodeagent import hardware
     from nodeagent.app import NodeAgent, create_app
     from nodeagent.settings import NodeSettings
 
-    _log_setup()
     settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
                                      name=args.name, n_ctx=args.n_ctx,
-                                     queue_size=args.queue_size)
-    agent = NodeAgent(settings, hardware.detect())
+                                     queue_size=args.queue_size, state_dir=args.state_dir,
+                                     announce=args.announce)
+    identity = load_or_create(Path(settings.state_dir), settings.name)
+    if args.action == "id":
+        print(identity.id)
+        return
+    _log_setup()
+    sock = bind(settings.host, settings.port)
+    agent = NodeAgent(settings, hardware.detect(), identity, port=sock.getsockname()[1])
     models = agent.store.list()
     logging.getLogger("myco.node").info(
-        "node %s: %d model(s) in %s: %s", settings.name, len(models), settings.models_dir,
-        ", ".join(m.id for m in models) or "none")
-    serve(create_app(agent), settings.host, settings.port, "myco node")
+        "node %s (id %s): %d model(s) in %s: %s", settings.name, identity.id, len(models),
+        settings.models_dir, ", ".join(m.id for m in models) or "none")
+    serve(create_app(agent), sock, "myco node")
 
 
 def _gateway_call(args: argparse.Namespace, method: str, path: str,
@@ -89,9 +96,10 @@ def _gateway_call(args: argparse.Namespace, method: str, path: str,
 
 
 def cmd_nodes(args: argparse.Namespace) -> None:
-    nodes = _gateway_call(args, "GET", "/v1/swarm")["nodes"]
+    swarm = _gateway_call(args, "GET", "/v1/swarm")
+    nodes = swarm["nodes"]
     if args.json:
-        print(json.dumps(nodes, indent=2))
+        print(json.dumps(swarm, indent=2))
         return
     if not nodes:
         print("the policy lists no nodes")
@@ -101,6 +109,10 @@ def cmd_nodes(args: argparse.Namespace) -> None:
         for model in n["models"]:
             loaded = " (loaded)" if model in n["loaded"] else ""
             print(f"    {model}{loaded} queue={n['queue'].get(model, 0)}")
+    for d in swarm.get("discovered", []):
+        if d["status"] != "listed":
+            where = ", ".join(f"{a}:{d['port']}" for a in d["addresses"])
+            print(f"discovered {d['name']} at {where}: {d['status']}\n    id {d['id']}")
 
 
 def cmd_policy_check(args: argparse.Namespace) -> None:
@@ -235,9 +247,16 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", help="listen address (default 127.0.0.1)")
     gw.add_argument("--port", type=int, help="listen port (default 8787; 0 picks a free one)")
     gw.add_argument("--audit-log", help="JSONL audit log path")
+    gw.add_argument("--discover", metavar="ADDRESS", help="browse mDNS for nodes on the "
+                    "interface with this IPv4 address (discovery shows; the policy decides)")
     gw.set_defaults(func=cmd_gateway)
 
-    nd = sub.add_parser("node", help="run this machine's node agent")
+    nd = sub.add_parser("node", help="run this machine's node agent (`myco node id`: its id)")
+    nd.add_argument("action", nargs="?", choices=["id"], help="print this node's id and exit")
+    nd.add_argument("--state-dir", help="identity and state (default: the user state dir)")
+    nd.add_argument("--announce", metavar="ADDRESS", help="announce this node by mDNS on "
+                    "the interface with this IPv4 address (default: the --host address, "
+                    "unless it is loopback)")
     nd.add_argument("--host", help="listen address (default 127.0.0.1)")
     nd.add_argument("--port", type=int, help="listen port (default 8788; 0 picks a free one)")
     nd.add_argument("--models", help="model directory (default: $MYCO_MODELS or the data dir)")

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -29,10 +28,9 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(app: Any, host: str, port: int, what: str,
-          on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; print `<what> listening on <url>` once accepting."""
-    sock = bind(host, port)
+def serve(app: Any, sock: socket.socket, what: str) -> None:
+    """Serve on `sock` (see `bind`) until SIGINT/SIGTERM; print `<what> listening on <url>`
+    once accepting."""
     url = url_of(sock)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
@@ -46,8 +44,6 @@ def serve(app: Any, host: str, port: int, what: str,
                 return
             await asyncio.sleep(0.01)
         print(f"{what} listening on {url}", flush=True)
-        if on_ready is not None:
-            on_ready(url)
         await task
 
     # uvicorn re-raises the SIGINT it handled, after its graceful shutdown: that is our exit.

@@ -19,8 +19,10 @@ from litestar import Litestar, Request, get, post
 
 from myco.errors import ModelNotFound, TargetFailed, Unavailable
 from myco.handlers import exception_handlers
+from myco.identity import Identity
 from myco.proxy import relay
 from nodeagent import capability, hardware, wire
+from nodeagent.announce import Announcer
 from nodeagent.runners import RunnerPool
 from nodeagent.settings import NodeSettings
 from nodeagent.store import ModelStore
@@ -34,18 +36,17 @@ _BODIES: dict[str, type[wire.ChatRequest | wire.CompletionRequest | wire.Embeddi
 class NodeAgent:
     """The state behind the handlers: store, hardware snapshot, runner pool."""
 
-    def __init__(self, settings: NodeSettings, hw: hardware.Hardware) -> None:
+    def __init__(self, settings: NodeSettings, hw: hardware.Hardware, identity: Identity, *,
+                 port: int) -> None:
         self.settings = settings
+        self.identity = identity
+        self.port = port
         self.store = ModelStore(Path(settings.models_dir))
         self.hardware = hw  # snapshot at start: what capability is judged against
         self.pool = RunnerPool(n_ctx=settings.n_ctx, queue_size=settings.queue_size,
                                load_timeout=settings.load_timeout, threads=settings.threads,
                                retry_after=settings.retry_after)
         self.started = time.time()
-
-    @classmethod
-    async def create(cls, settings: NodeSettings) -> NodeAgent:
-        return cls(settings, await asyncio.to_thread(hardware.detect))
 
     def capabilities(self) -> capability.Capabilities:
         return capability.classify(self.hardware, self.store.list(), self.settings.n_ctx)
@@ -72,7 +73,7 @@ class NodeAgent:
 
     async def info(self) -> dict[str, Any]:
         now = await asyncio.to_thread(hardware.detect)
-        return {"name": self.settings.name, "version": VERSION,
+        return {"name": self.settings.name, "id": self.identity.id, "version": VERSION,
                 "uptime_s": round(time.time() - self.started, 1),
                 "hardware": msgspec.to_builtins(now),
                 "capabilities": msgspec.to_builtins(self.capabilities()),
@@ -89,11 +90,21 @@ class NodeAgent:
 
 
 def create_app(agent: NodeAgent) -> Litestar:
+    announcer = None
+    if agent.settings.announce_on is not None:
+        caps = agent.capabilities()
+        announcer = Announcer(agent.settings.announce_on, agent.settings.name, agent.port, {
+            "id": agent.identity.id, "role": caps.role, "models": str(len(caps.models))})
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        if announcer is not None:
+            await announcer.start()
         try:
             yield
         finally:
+            if announcer is not None:
+                await announcer.stop()
             await agent.pool.close()
 
     @post(list(_BODIES))

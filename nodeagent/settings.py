@@ -7,6 +7,7 @@ import socket
 from collections.abc import Mapping
 
 import msgspec
+import platformdirs
 
 from nodeagent.store import default_models_dir
 
@@ -21,12 +22,22 @@ class NodeSettings(msgspec.Struct, frozen=True):
     retry_after: int = 2  # seconds, sent with 429
     load_timeout: float = 300.0
     threads: int | None = None  # llama.cpp threads; None: its default
+    state_dir: str = ""  # identity (key, certificate); "" : the user state dir
+    announce: str | None = None  # interface address for mDNS; None: --host unless loopback
+
+    @property
+    def announce_on(self) -> str | None:
+        if self.announce is not None:
+            return self.announce or None
+        loopback = self.host.startswith("127.") or self.host in ("::1", "localhost")
+        return None if loopback or self.host in ("0.0.0.0", "::") else self.host
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> NodeSettings:
         """Flags win over `MYCO_NODE_*` variables (and `MYCO_MODELS`), which win over defaults."""
-        values: dict[str, object] = {"models_dir": str(default_models_dir()),
-                                     "name": socket.gethostname()}
+        values: dict[str, object] = {
+            "models_dir": str(default_models_dir()), "name": socket.gethostname(),
+            "state_dir": str(platformdirs.user_state_path("mycoswarm") / "node")}
         for field in cls.__struct_fields__:
             env = environ.get(f"MYCO_NODE_{field.upper()}")
             if env is not None:

@@ -32,9 +32,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
-def node(models_dir: Path) -> Iterator[Proc]:
+def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     proc = myco("node", "--port", "0", "--models", str(models_dir), "--name", "testnode",
-                "--n-ctx", "1024")
+                "--n-ctx", "1024", "--state-dir", str(tmp_path_factory.mktemp("node-state")))
     yield proc
     proc.stop()
 

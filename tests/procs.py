@@ -71,8 +71,11 @@ class Proc:
         return self.popen.returncode
 
 
-def myco(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Proc:
-    return Proc([sys.executable, "-m", "myco.cli", *args], env=env, timeout=timeout)
+def myco(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+         prefix: list[str] | None = None) -> Proc:
+    """`myco ARGS` as a process; `prefix` runs it inside something (a network namespace)."""
+    return Proc([*(prefix or []), sys.executable, "-m", "myco.cli", *args], env=env,
+                timeout=timeout)
 
 
 def fake_upstream(name: str, *models: str) -> Proc:

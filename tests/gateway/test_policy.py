@@ -56,6 +56,8 @@ def test_good_policy_parses_in_order() -> None:
     (GOOD.replace('url = "http://127.0.0.1:9002/v1"', 'url = "ftp://x/v1"'), 5,
      "upstreams.lan.url: 'ftp://x/v1' must be an http(s) URL"),
     ('[nodes.a]\naddress = "h:1"\n', None, "no [[routes]]"),
+    (GOOD.replace('address = "127.0.0.1:9001"', 'address = "127.0.0.1:9001"\nid = "ABC-DEF"'),
+     3, "nodes.ws.id: 'ABC-DEF' is not a mycoSwarm id"),
 ])
 def test_mistakes_name_file_line_and_reason(text: str, line: int | None, reason: str) -> None:
     with pytest.raises(PolicyError) as caught:

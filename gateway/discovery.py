@@ -1,0 +1,109 @@
+"""mDNS discovery: which mycoSwarm nodes announce themselves on the gateway's LAN.
+
+Follows python-zeroconf's async browser example.  Discovery only shows: a discovered node is
+routed to only if the policy lists it (its id, when the policy gives one, must match).  A node
+that stops cleanly sends a goodbye and disappears from `nodes` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+from zeroconf import IPVersion, RecordUpdateListener, ServiceStateChange, Zeroconf
+from zeroconf._dns import DNSPointer, DNSQuestion
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _TYPE_PTR
+
+from gateway.policy import Policy
+
+log = logging.getLogger("myco.gateway.discovery")
+SERVICE = "_myco._tcp.local."
+
+
+class Discovered(msgspec.Struct, frozen=True):
+    name: str
+    id: str
+    addresses: tuple[str, ...]
+    port: int
+    properties: dict[str, str]
+    seen_at: float
+
+
+class _Goodbyes(RecordUpdateListener):
+    """Drop a node the moment its goodbye (a PTR with TTL 0) arrives: the browser itself only
+    reports the removal when zeroconf's cache next expires records, up to 10 s later."""
+
+    def __init__(self, nodes: dict[str, Discovered]) -> None:
+        self._nodes = nodes
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[Any]) -> None:
+        for update in records:
+            record = update.new
+            goodbye = isinstance(record, DNSPointer) and record.name == SERVICE \
+                and record.ttl == 0
+            if goodbye and self._nodes.pop(record.alias, None) is not None:
+                log.info("mDNS: %s said goodbye", record.alias)
+
+
+class Discovery:
+    def __init__(self, interface: str, *, request_timeout_ms: int = 1000) -> None:
+        self._interface = interface
+        self._timeout = request_timeout_ms
+        self.nodes: dict[str, Discovered] = {}  # by service instance name
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
+                 state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            log.info("mDNS: %s left", name)
+            self.nodes.pop(name, None)
+            return
+        task = asyncio.ensure_future(self._resolve(zeroconf, service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(zeroconf, self._timeout):
+            return
+        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+        self.nodes[name] = Discovered(
+            props.get("name") or name.removesuffix("." + SERVICE), props.get("id", ""),
+            tuple(info.parsed_addresses()), info.port or 0, props, time.time())
+
+    async def start(self) -> None:
+        self._zc = AsyncZeroconf(interfaces=[self._interface], ip_version=IPVersion.V4Only)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE],
+                                            handlers=[self._changed])
+        self._zc.zeroconf.async_add_listener(_Goodbyes(self.nodes),
+                                             DNSQuestion(SERVICE, _TYPE_PTR, _CLASS_IN))
+
+    async def stop(self) -> None:
+        if self._browser is not None:  # the browser before the zeroconf instance
+            await self._browser.async_cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._zc is not None:
+            await self._zc.async_close()
+
+    def snapshot(self, policy: Policy) -> list[dict[str, Any]]:
+        return [{**msgspec.to_builtins(d), "listed_as": listed, "status": status}
+                for d in sorted(self.nodes.values(), key=lambda d: d.name)
+                for listed, status in [judge(d, policy)]]
+
+
+def judge(found: Discovered, policy: Policy) -> tuple[str | None, str]:
+    """(the policy's name for a discovered node or None, why): pure."""
+    for node in policy.nodes.values():
+        if node.id is not None and node.id == found.id:
+            return node.name, "listed"
+    pinned = policy.nodes.get(found.name)
+    if pinned is not None and pinned.id is not None:
+        return None, f"identity mismatch: {found.name!r} is pinned to {pinned.id}"
+    return None, "not in policy"
