@@ -8,6 +8,7 @@ The dry-run endpoint calls the same `resolve` and sends nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -20,7 +21,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 
 from gateway.audit import AuditEntry, AuditLog
-from gateway.discovery import Discovery
+from gateway.discovery import Discovered, Discovery, judge
 from gateway.egress import Egress, EgressDenied, EgressGuard
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
@@ -72,7 +73,17 @@ class Gateway:
         self.watcher = SwarmWatcher(policy.nodes, self.client, interval=settings.health_interval,
                                     timeout=settings.health_timeout)
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
-        self.discovery = Discovery(settings.discover) if settings.discover else None
+        self.discovery = Discovery(settings.discover, on_found=self._found) \
+            if settings.discover else None
+        self._checks: set[asyncio.Task[None]] = set()
+
+    def _found(self, found: Discovered) -> None:
+        """A listed node announced itself: check it now rather than at the next poll."""
+        listed, _ = judge(found, self.policy)
+        if listed is not None:
+            task = asyncio.ensure_future(self.watcher.check_some([listed]))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
 
     def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
         if not self.keys:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -50,8 +51,10 @@ class _Goodbyes(RecordUpdateListener):
 
 
 class Discovery:
-    def __init__(self, interface: str, *, request_timeout_ms: int = 1000) -> None:
+    def __init__(self, interface: str, *, request_timeout_ms: int = 1000,
+                 on_found: Callable[[Discovered], object] | None = None) -> None:
         self._interface = interface
+        self._on_found = on_found
         self._timeout = request_timeout_ms
         self.nodes: dict[str, Discovered] = {}  # by service instance name
         self._zc: AsyncZeroconf | None = None
@@ -73,9 +76,12 @@ class Discovery:
         if not await info.async_request(zeroconf, self._timeout):
             return
         props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-        self.nodes[name] = Discovered(
+        found = Discovered(
             props.get("name") or name.removesuffix("." + SERVICE), props.get("id", ""),
             tuple(info.parsed_addresses()), info.port or 0, props, time.time())
+        self.nodes[name] = found
+        if self._on_found is not None:
+            self._on_found(found)
 
     async def start(self) -> None:
         self._zc = AsyncZeroconf(interfaces=[self._interface], ip_version=IPVersion.V4Only)

@@ -51,7 +51,7 @@ def view_from_info(name: str, info: NodeInfo) -> NodeView:
 
 class SwarmWatcher:
     def __init__(self, nodes: dict[str, Node], client: httpx.AsyncClient, *,
-                 interval: float = 2.0, timeout: float = 1.5) -> None:
+                 interval: float = 1.0, timeout: float = 1.0) -> None:
         self._nodes = nodes
         self._client = client
         self._interval = interval
@@ -78,7 +78,11 @@ class SwarmWatcher:
         return view_from_info(node.name, info)
 
     async def check_all(self) -> None:
-        views = await asyncio.gather(*(self.check(n) for n in self._nodes.values()))
+        await self.check_some(list(self._nodes))
+
+    async def check_some(self, names: list[str]) -> None:
+        """Check these listed nodes now (also used when discovery sees one appear)."""
+        views = await asyncio.gather(*(self.check(self._nodes[n]) for n in names))
         for view in views:
             before = self.views.get(view.name)
             if before is None or before.healthy != view.healthy:

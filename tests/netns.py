@@ -66,9 +66,13 @@ class Lan:
         _ip("addr", "add", f"{address}/24", "dev", "eth0", ns=ns)
         for link in ("eth0", "lo"):
             _ip("link", "set", link, "up", ns=ns)
-        _ip("route", "add", "224.0.0.0/4", "dev", "eth0", ns=ns)  # mDNS
         self.hosts[name] = (ns, address)
+        self.restore_route(name)
         return address
+
+    def restore_route(self, name: str) -> None:
+        """The multicast route for mDNS (a link going down removes it)."""
+        _ip("route", "replace", "224.0.0.0/4", "dev", "eth0", ns=self.hosts[name][0])
 
     def link(self, name: str, up: bool) -> None:
         """Take a host's cable out (or put it back)."""
