@@ -76,10 +76,25 @@ class Gateway:
         self.discovery = Discovery(settings.discover, on_found=self._found) \
             if settings.discover else None
         self._checks: set[asyncio.Task[None]] = set()
+        self._recorded: set[tuple[str, str]] = set()
+
+    def strangers(self) -> list[tuple[str, str]]:
+        """Discovered nodes the policy does not list (or whose identity does not match)."""
+        if self.discovery is None:
+            return []
+        return [(f"{found.name} ({found.id})", why) for found in self.discovery.nodes.values()
+                for listed, why in [judge(found, self.policy)] if listed is None]
 
     def _found(self, found: Discovered) -> None:
-        """A listed node announced itself: check it now rather than at the next poll."""
-        listed, _ = judge(found, self.policy)
+        """A listed node announced itself: check it now rather than at the next poll.  One the
+        policy does not list is recorded in the audit log, once, and never routed to."""
+        listed, why = judge(found, self.policy)
+        if listed is None and (found.name, found.id) not in self._recorded:
+            self._recorded.add((found.name, found.id))
+            self.audit.record(AuditEntry(
+                time=time.time(), request_id="", endpoint="discovery", model=None, client=None,
+                rule="none", target=f"{found.name} ({found.id})", status=403, latency_ms=0.0,
+                reason=f"discovered at {', '.join(found.addresses)}:{found.port}: {why}"))
         if listed is not None:
             task = asyncio.ensure_future(self.watcher.check_some([listed]))
             self._checks.add(task)
@@ -118,7 +133,7 @@ class Gateway:
             client = self.authenticate(request)
             fields = decode(raw, RoutingFields)
             decision = resolve(RoutingRequest(endpoint, fields.model, client, fields.has_tools),
-                               self.policy, self.watcher.views)
+                               self.policy, self.watcher.views, self.strangers())
             if not decision.allowed:
                 raise _REFUSALS[decision.status](decision.message)
             failures: list[str] = []
@@ -169,7 +184,7 @@ class Gateway:
         client = self.authenticate(request)
         fields = decode(raw, DryRunFields)
         routing = RoutingRequest(fields.endpoint, fields.model, client, fields.has_tools)
-        decision = resolve(routing, self.policy, self.watcher.views)
+        decision = resolve(routing, self.policy, self.watcher.views, self.strangers())
         return {"request": msgspec.to_builtins(routing), "rule_name": decision.rule_name,
                 **msgspec.to_builtins(decision)}
 

@@ -15,7 +15,7 @@ A destination is only ever a target the policy listed, never derived from the mo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import msgspec
@@ -44,7 +44,7 @@ Swarm = Mapping[str, NodeView]
 
 class Candidate(msgspec.Struct, frozen=True):
     target: str
-    kind: Literal["node", "upstream"]
+    kind: Literal["node", "upstream", "discovered"]
     eligible: bool
     chosen: bool
     reason: str
@@ -69,7 +69,18 @@ class Decision(msgspec.Struct, frozen=True):
         return tuple(c.target for c in self.candidates if c.eligible)
 
 
-def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
+def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm,
+            strangers: Sequence[tuple[str, str]] = ()) -> Decision:
+    """`strangers`: (label, why) of nodes discovery found that the policy does not list;
+    they are shown as rejected candidates and never chosen."""
+    decision = _resolve(request, policy, swarm)
+    if not strangers:
+        return decision
+    shown = tuple(Candidate(label, "discovered", False, False, why) for label, why in strangers)
+    return msgspec.structs.replace(decision, candidates=decision.candidates + shown)
+
+
+def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
     route = next((r for r in policy.routes
                   if matches(r.match, request.endpoint, request.model, request.client,
                              request.has_tools)), None)

@@ -149,6 +149,36 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
         print(f"  {mark} {c['target']} ({c['kind']}): {c['reason']}")
 
 
+def cmd_policy_allow(args: argparse.Namespace) -> None:
+    """Append a discovered node to the policy file; comments and order stay as they were."""
+    from gateway.policy import PolicyError, parse
+
+    found = [d for d in _gateway_call(args, "GET", "/v1/swarm")["discovered"]
+             if args.node in (d["name"], d["id"])]
+    if len(found) != 1:
+        print(f"myco: {len(found)} discovered nodes match {args.node!r}; "
+              "name one by its id (see `myco nodes`)", file=sys.stderr)
+        sys.exit(1)
+    node = found[0]
+    if node["status"] == "listed":
+        print(f"{node['name']} ({node['id']}) is already in the policy")
+        return
+    path = Path(args.policy)
+    text = path.read_text(encoding="utf-8")
+    name = args.name or node["name"]
+    table = (f"\n[nodes.{json.dumps(name)}]   # added by `myco policy allow`\n"
+             f'address = "{node["addresses"][0]}:{node["port"]}"\nid = "{node["id"]}"\n')
+    try:
+        parse(text.rstrip("\n") + "\n" + table, str(path))
+    except PolicyError as exc:
+        print(f"myco: not added: {exc} (is {name!r} already listed? pass --name)",
+              file=sys.stderr)
+        sys.exit(2)
+    path.write_text(text.rstrip("\n") + "\n" + table, encoding="utf-8")
+    print(f"added node {name!r} ({node['id']}) to {path}; a route must name it before any "
+          "request goes there; restart the gateway to load the policy")
+
+
 def cmd_hw(args: argparse.Namespace) -> None:
     from nodeagent import capability, hardware
     from nodeagent.settings import NodeSettings
@@ -287,6 +317,13 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY))
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(func=cmd_policy_explain)
+
+    allow = psub.add_parser("allow", help="add a discovered node (by name or id) to a policy")
+    allow.add_argument("node")
+    allow.add_argument("--policy", default=os.environ.get("MYCO_POLICY", "policies/default.toml"))
+    allow.add_argument("--name", help="the name to list it under (default: its own)")
+    allow.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY))
+    allow.set_defaults(func=cmd_policy_allow)
 
     hw = sub.add_parser("hw", help="hardware and capability report for this machine")
     hw.add_argument("--models", help="model directory")

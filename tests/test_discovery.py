@@ -45,6 +45,7 @@ def wait_for(check: Callable[[], Any], timeout: float) -> tuple[Any, float]:
 def test_discovery_shows_and_the_policy_decides(lan: netns.Lan, models_dir: Path,
                                                 tmp_path: Path) -> None:
     gw_addr, n1_addr, rogue_addr = lan.host("gw"), lan.host("n1"), lan.host("rogue")
+    stranger_addr = lan.host("stranger")
     n1_state, rogue_state = tmp_path / "n1", tmp_path / "rogue"
     n1_id = node_id(n1_state)
     policy = tmp_path / "policy.toml"
@@ -80,6 +81,35 @@ def test_discovery_shows_and_the_policy_decides(lan: netns.Lan, models_dir: Path
 
         text = run_myco("nodes", "--gateway", gateway.url).stdout
         assert "identity mismatch" in text and rogue_id in text
+
+        stranger = myco("node", "--host", stranger_addr, "--port", "8788", "--name", "mini",
+                        "--models", str(models_dir), "--state-dir", str(tmp_path / "s"),
+                        prefix=lan.prefix("stranger"))
+        procs.append(stranger)
+        stranger_id = node_id(tmp_path / "s")
+        wait_for(lambda: discovered().get(stranger_id), 10)
+
+        # The dry-run shows both as candidates it rejected, and why.
+        dry = httpx.post(gateway.url + "/v1/policy/dry-run", json={"model": MODEL_ID}).json()
+        rejected = {c["target"]: c["reason"] for c in dry["candidates"]
+                    if c["kind"] == "discovered"}
+        assert rejected[f"n1 ({rogue_id})"].startswith("identity mismatch")
+        assert rejected[f"mini ({stranger_id})"] == "not in policy"
+        assert dry["target"] == "n1"
+        audit = (tmp_path / "audit.jsonl").read_text()
+        assert rogue_id in audit and stranger_id in audit and '"endpoint":"discovery"' in audit
+
+        # Pairing: `myco policy allow` appends the node, leaving the file as it was above it.
+        before = policy.read_text()
+        allowed = run_myco("policy", "allow", "mini", "--policy", str(policy), "--gateway",
+                           gateway.url)
+        assert allowed.returncode == 0, allowed.stderr
+        after = policy.read_text()
+        assert after.startswith(before.rstrip("\n")) and f'id = "{stranger_id}"' in after
+        assert run_myco("policy", "check", str(policy)).returncode == 0
+        again = run_myco("policy", "allow", n1_id, "--policy", str(policy), "--gateway",
+                         gateway.url)
+        assert "already in the policy" in again.stdout and policy.read_text() == after
 
         # Routing follows the policy only: the request loads the model on n1, not the rogue.
         response = httpx.post(gateway.url + "/v1/chat/completions", timeout=120, json={
