@@ -2,8 +2,11 @@
 
 For each model: does it fit in GPU memory, in RAM, or not at all (weights + KV cache for the
 configured context + a compute buffer).  For the node: a coarse role, from an ordered table of
-rules where the first that holds wins.  To add a role, add a `_RoleRule` at the right place in
-`ROLE_RULES` (order is priority) and a case to the table test.
+rules where the first that holds wins.
+
+How to add a role: add it to `Role`, put a `_RoleRule(role, holds)` in `ROLE_RULES` above the
+first rule it should win over (order is priority; `holds` gets the usable GPU and RAM bytes), and
+add a hardware profile for it to tests/nodeagent/test_capability*.py.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class _RoleRule(msgspec.Struct, frozen=True):
     holds: Callable[[int, int], bool]  # (usable GPU bytes, usable RAM bytes)
 
 
+# Thresholds, in what one model may use: 16 GiB of GPU holds a 13-24B Q4 model with its cache;
+# 4 GiB of GPU or 8 GiB of RAM a 3-8B Q4 one; 2 GiB of RAM an embedding or sub-1B model.
 ROLE_RULES: tuple[_RoleRule, ...] = (
     _RoleRule("large-chat", lambda gpu, ram: gpu >= 16 * GiB),
     _RoleRule("small-chat", lambda gpu, ram: gpu >= 4 * GiB or ram >= 8 * GiB),
@@ -61,12 +66,14 @@ def kv_cache_bytes(meta: ModelMeta, n_ctx: int) -> int:
 
 
 def usable_gpu(hw: Hardware) -> tuple[int, str]:
-    """Memory one model may use on a GPU, and which.  No multi-GPU split yet: the largest."""
+    """Bytes one model may use on a GPU, and a label for it (0, "" without a GPU)."""
     if hw.unified_memory:
-        return int(hw.ram_total * APPLE_GPU_SHARE), "unified memory"
-    if not hw.gpus:
+        return int(hw.ram_total * APPLE_GPU_SHARE), f"{hw.cpu_model} (unified memory)"
+    nvidia = [g for g in hw.gpus if g.vendor == "nvidia"]
+    if not nvidia:
         return 0, ""
-    best = max(hw.gpus, key=lambda g: g.memory_free)
+    # No multi-GPU split yet: a model goes on one GPU, so the one with the most free memory.
+    best = max(nvidia, key=lambda g: g.memory_free)
     return best.memory_free, best.name
 
 
@@ -76,6 +83,7 @@ def _gib(n: int) -> str:
 
 def fit_model(meta: ModelMeta, n_ctx: int, gpu: int, gpu_name: str, ram: int, *,
               compute_buffer: int = COMPUTE_BUFFER) -> ModelFit:
+    """Where one model fits, given the usable GPU and RAM bytes; GPU first."""
     kv = kv_cache_bytes(meta, n_ctx)
     need = meta.file_size + kv + compute_buffer
     if gpu and need <= gpu:
@@ -85,12 +93,18 @@ def fit_model(meta: ModelMeta, n_ctx: int, gpu: int, gpu_name: str, ram: int, *,
         fit, reason = "ram", f"needs {_gib(need)}, {_gib(ram)} of RAM free"
     else:
         fit = "none"
-        reason = f"needs {_gib(need)}, only {_gib(max(gpu, ram))} free"
+        on_gpu = f"{_gib(gpu)} free on {gpu_name} and " if gpu else ""
+        reason = f"needs {_gib(need)}, only {on_gpu}{_gib(ram)} of RAM free"
     return ModelFit(meta.id, fit, need, meta.file_size, kv, reason)
 
 
 def classify(hw: Hardware, models: Sequence[ModelMeta], n_ctx: int, *,
              compute_buffer: int = COMPUTE_BUFFER, ram_reserve: int = RAM_RESERVE) -> Capabilities:
+    """The node's role and each model's fit, at a context of `n_ctx` tokens.
+
+    Usable RAM is what is available minus `ram_reserve` (never negative); every model also needs
+    `compute_buffer` bytes besides its weights and KV cache.
+    """
     gpu, gpu_name = usable_gpu(hw)
     # Unified memory is one pool: a model on the "GPU" is in RAM too.
     ram = max(0, hw.ram_available - ram_reserve)

@@ -1,11 +1,15 @@
 """Hardware detection: CPU, RAM, every NVIDIA GPU (NVML), Apple Silicon unified memory, boards.
 
 `detect()` is synchronous and does blocking calls (NVML, /proc, sysctl): run it off the event
-loop.  A machine without NVML (no driver, no GPU, a Pi, a Mac) is the normal case: no GPUs.
+loop, or await `detect_async()`.  A machine without NVML (no driver, no GPU, a Pi, a Mac) is the
+normal case: no GPUs, not an error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import platform
 import socket
 import subprocess
@@ -14,6 +18,8 @@ from typing import Literal
 
 import msgspec
 import psutil
+
+log = logging.getLogger("myco.node.hardware")
 
 
 class Gpu(msgspec.Struct, frozen=True):
@@ -57,7 +63,7 @@ def _text(value: str | bytes) -> str:
 
 
 def nvidia_gpus() -> tuple[Gpu, ...]:
-    """Every NVIDIA GPU NVML sees; () when NVML or a driver is missing."""
+    """Every NVIDIA GPU NVML sees, not only the first; () when NVML or a driver is missing."""
     try:
         import pynvml
     except ImportError:
@@ -70,15 +76,21 @@ def nvidia_gpus() -> tuple[Gpu, ...]:
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
         for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(Gpu(index, "nvidia", _text(pynvml.nvmlDeviceGetName(handle)),
-                            int(memory.total), int(memory.free), driver))
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                name = _text(pynvml.nvmlDeviceGetName(handle))
+            except pynvml.NVMLError as exc:  # one GPU in a bad state must not hide the others
+                log.warning("skipping NVIDIA GPU %d: %s", index, exc)
+                continue
+            gpus.append(Gpu(index, "nvidia", name, int(memory.total), int(memory.free), driver))
         return tuple(gpus)
-    except pynvml.NVMLError:
+    except pynvml.NVMLError as exc:
+        log.warning("NVML is loaded but failed: %s", exc)
         return ()
     finally:
-        pynvml.nvmlShutdown()
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
 
 
 def _cpu_model(system: str) -> str:
@@ -105,11 +117,17 @@ def _board() -> str | None:
         return None
 
 
+def is_apple_silicon(system: str, machine: str) -> bool:
+    """An Apple Silicon Mac, whose GPU shares RAM.  (Python under Rosetta reports x86_64.)"""
+    return system == "Darwin" and machine == "arm64"
+
+
 def detect() -> Hardware:
+    """A snapshot of this machine; blocking (NVML, /proc, sysctl), so call it off the loop."""
     system, machine = platform.system(), platform.machine()
     memory = psutil.virtual_memory()
     cpu = _cpu_model(system)
-    apple = system == "Darwin" and machine == "arm64"
+    apple = is_apple_silicon(system, machine)
     gpus = (Gpu(0, "apple", cpu, memory.total, memory.available, "metal"),) if apple \
         else nvidia_gpus()
     return Hardware(
@@ -118,3 +136,8 @@ def detect() -> Hardware:
         cpu_physical_cores=psutil.cpu_count(logical=False) or 1,
         ram_total=memory.total, ram_available=memory.available, gpus=gpus,
         unified_memory=apple, board=_board())
+
+
+async def detect_async() -> Hardware:
+    """`detect()` on a worker thread."""
+    return await asyncio.to_thread(detect)

@@ -4,6 +4,10 @@ The model id is the file stem, unless `models.toml` in the directory gives it an
 
     [aliases]
     "gemma-3-270m-q4_k_m" = "gemma3"
+
+An invalid `models.toml`, or two files that end up with one id, raises `ValueError` naming the
+file (and, for TOML errors, the line).  A `*.gguf` that cannot be read or parsed is skipped with a
+warning, once per version of the file.
 """
 
 from __future__ import annotations
@@ -20,34 +24,40 @@ from nodeagent.gguf import GGUFError, Value, read_metadata
 
 log = logging.getLogger("myco.node.store")
 
+_CacheKey = tuple[str, float, int]  # (path, mtime, size)
+
 
 class ModelMeta(msgspec.Struct, frozen=True):
     id: str  # file stem unless an alias is configured
     path: str
     architecture: str
     file_size: int  # bytes on disk
-    n_layers: int
-    context_length: int
+    n_layers: int  # {arch}.block_count
+    context_length: int  # {arch}.context_length: the context the model was trained for
     embedding_length: int
     n_head: int
-    n_head_kv: int
-    key_length: int
-    value_length: int
-    chat_template: str | None
-    name: str | None
+    n_head_kv: int  # n_head when absent (no grouped-query attention)
+    key_length: int  # {arch}.attention.key_length, else embedding_length // n_head
+    value_length: int  # likewise
+    chat_template: str | None  # tokenizer.chat_template
+    name: str | None  # general.name
 
 
 def default_models_dir() -> Path:
+    """`$MYCO_MODELS`, else the per-user data directory's `models/`."""
     env = os.environ.get("MYCO_MODELS")
     return Path(env) if env else platformdirs.user_data_path("mycoswarm") / "models"
 
 
 def meta_from_gguf(model_id: str, path: Path, kv: dict[str, Value], size: int) -> ModelMeta:
+    """Pure: the fields we use, out of a header's key/values (missing numbers default to 0)."""
     arch = str(kv.get("general.architecture", "unknown"))
 
     def num(key: str, default: int) -> int:
         value = kv.get(f"{arch}.{key}", default)
-        return int(value) if isinstance(value, int | float) else default
+        # bool is an int too, but never a count; per-layer counts are arrays, which we skip
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return int(value) if ok else default
 
     n_embd = num("embedding_length", 0)
     n_head = num("attention.head_count", 1) or 1
@@ -64,47 +74,69 @@ def meta_from_gguf(model_id: str, path: Path, kv: dict[str, Value], size: int) -
         name=name if isinstance(name, str) else None)
 
 
+def read_aliases(path: Path) -> dict[str, str]:
+    """The `[aliases]` table of a models.toml ({} if the file is absent); ValueError if invalid."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: {exc}") from None  # tomllib's message has line and column
+    aliases = doc.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(f"{path}: [aliases] must map file stems to model ids (strings)")
+    return aliases
+
+
 class ModelStore:
+    """The `*.gguf` files of one directory; headers are parsed once per (path, mtime, size)."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._cache: dict[tuple[str, float, int], dict[str, Value] | None] = {}
+        self._cache: dict[_CacheKey, ModelMeta | None] = {}
 
-    def _aliases(self) -> dict[str, str]:
-        path = self.directory / "models.toml"
-        if not path.exists():
-            return {}
+    def _load(self, path: Path) -> _CacheKey:
+        """Parse `path` into the cache unless this version of it is there; failures are cached
+        too (as None), so each is logged once."""
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        aliases = doc.get("aliases", {})
-        if not isinstance(aliases, dict) or not all(
-                isinstance(v, str) for v in aliases.values()):
-            raise ValueError(f"{path}: [aliases] must map file stems to model ids (strings)")
-        return aliases
-
-    def _metadata(self, path: Path) -> dict[str, Value] | None:
-        stat = path.stat()
+            stat = path.stat()
+        except OSError as exc:  # a dangling symlink, or gone since the glob
+            key: _CacheKey = (str(path), -1.0, -1)
+            if key not in self._cache:
+                log.warning("skipping %s: %s", path, exc)
+                self._cache[key] = None
+            return key
         key = (str(path), stat.st_mtime, stat.st_size)
         if key not in self._cache:
             try:
-                self._cache[key] = read_metadata(path)
+                self._cache[key] = meta_from_gguf("", path, read_metadata(path), stat.st_size)
             except (GGUFError, OSError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 self._cache[key] = None
-        return self._cache[key]
+        return key
 
     def list(self) -> list[ModelMeta]:
+        """Every readable model, sorted by id; [] if the directory does not exist."""
         if not self.directory.is_dir():
             return []
-        aliases = self._aliases()
-        models = []
-        for path in self.directory.glob("*.gguf"):
-            kv = self._metadata(path)
-            if kv is not None:
-                model_id = aliases.get(path.stem, path.stem)
-                models.append(meta_from_gguf(model_id, path, kv, path.stat().st_size))
-        return sorted(models, key=lambda m: m.id)
+        toml = self.directory / "models.toml"
+        aliases = read_aliases(toml)
+        keys = {path: self._load(path) for path in sorted(self.directory.glob("*.gguf"))}
+        self._cache = {key: self._cache[key] for key in keys.values()}  # forget old versions
+        by_id: dict[str, ModelMeta] = {}
+        for path, key in keys.items():
+            meta = self._cache[key]
+            if meta is None:
+                continue
+            model_id = aliases.get(path.stem, path.stem)
+            if model_id in by_id:
+                raise ValueError(f"{toml}: model id {model_id!r} names both "
+                                 f"{Path(by_id[model_id].path).name} and {path.name}")
+            by_id[model_id] = msgspec.structs.replace(meta, id=model_id)
+        return sorted(by_id.values(), key=lambda m: m.id)
 
     def get(self, model_id: str) -> ModelMeta | None:
+        """The model with this id, or None."""
         return next((m for m in self.list() if m.id == model_id), None)

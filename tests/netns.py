@@ -36,15 +36,34 @@ def available() -> str | None:
     return None
 
 
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
+
+
+def _remove_stale() -> None:
+    """Namespaces and links left by a run that was killed before it could clean up: they
+    would route our subnet through a dead switch."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for ns in (line.split()[0] for line in listed.splitlines() if line.startswith("myco-")):
+        if not _alive(ns.rsplit("-", 1)[-1]):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith("mycor") and not _alive(name.removeprefix("mycor")):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
 class Lan:
     def __init__(self) -> None:
-        self.tag = f"{os.getpid() % 100000}"
+        self.tag = str(os.getpid())
         self.switch = f"myco-sw-{self.tag}"
         self.hosts: dict[str, tuple[str, str]] = {}  # name -> (namespace, address)
         self._root_veth = f"mycor{self.tag}"
         self.address = f"{SUBNET}.1"  # the root namespace's address on the LAN
 
     def __enter__(self) -> Lan:
+        _remove_stale()
         _ip("netns", "add", self.switch)
         _ip("link", "add", "br0", "type", "bridge", ns=self.switch)
         _ip("link", "set", "br0", "up", ns=self.switch)
