@@ -58,8 +58,9 @@ class NodeAgent:
         if meta is None:
             raise ModelNotFound(f"model {body.model!r} is not in this node's store "
                                 f"({self.settings.models_dir})", param="model")
-        fit = next((f for f in self.capabilities().models if f.model == meta.id), None)
-        if fit is not None and fit.fit == "none":
+        # Judge only this model: the whole store was just listed by get(), once is enough.
+        fit = capability.classify(self.hardware, [meta], self.settings.n_ctx).models[0]
+        if fit.fit == "none":
             raise Unavailable(f"model {meta.id} does not fit on this node: {fit.reason}")
         runner = await self.pool.get(meta)
         with runner.admit():
