@@ -4,7 +4,8 @@
 bridge and measures, over N starts of the node:
 
 - from the node printing "listening" to the gateway showing it discovered (mDNS), and to the
-  gateway's dry-run routing to it (health-checked and serving the model);
+  gateway's dry-run routing to it (its certificate checked against the id the policy lists it
+  by, over mutual TLS, health-checked and serving the model);
 - from `kill -9` of the node to the gateway marking it unhealthy, and the same for the
   node's link going down.
 
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import httpx
 
+from myco.identity import load_or_create
+from nodeagent import pairing
 from tests import netns
-from tests.procs import Proc, myco, run_myco
+from tests.procs import Proc, myco
 
 MODEL = "gemma-3-270m-q4_k_m"
 
@@ -58,13 +61,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, netns.Lan() as lan:
         gw_addr, n1_addr = lan.host("gw"), lan.host("n1")
         state = Path(tmp) / "n1"
-        node_id = run_myco("node", "id", "--state-dir", str(state)).stdout.strip()
+        identity = load_or_create(Path(tmp) / "gateway", "bench gateway")
+        pairing.add(state, identity.id, identity.pem(), "bench gateway")
+        node_id = load_or_create(state, "n1").id
         policy = Path(tmp) / "policy.toml"
-        policy.write_text(f'[nodes.n1]\naddress = "{n1_addr}:8788"\nid = "{node_id}"\n'
-                          '[[routes]]\nforward = ["n1"]\n')
+        # Listed by id alone: the address comes from discovery, checked against the id.
+        policy.write_text(f'[nodes.n1]\nid = "{node_id}"\n[[routes]]\nforward = ["n1"]\n')
         gateway = myco("gateway", "--policy", str(policy), "--host", gw_addr, "--discover",
                        gw_addr, "--audit-log", str(Path(tmp) / "audit.jsonl"),
-                       prefix=lan.prefix("gw"))
+                       "--state-dir", str(Path(tmp) / "gateway"), prefix=lan.prefix("gw"))
         client = httpx.Client(base_url=gateway.url, timeout=2)
 
         def discovered() -> bool:

@@ -3,7 +3,9 @@
 Used by the gateway benchmark (as the baseline upstream) and by tests as a stand-in node or
 upstream where the real model would only slow things down.  It also answers `/node/info` like a
 node agent, naming the models given to it, and can answer with a redirect to probe the gateway's
-egress guard.  `python -m bench.fake_upstream --port P --name N` serves it alone.
+egress guard.  `python -m bench.fake_upstream --port P --name N` serves it alone; with
+`--tls-state DIR --trust CERT` it serves mutual TLS as a node does (identity in DIR, serving
+only the gateway whose certificate is CERT).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 Scope = dict[str, Any]
@@ -87,19 +90,25 @@ def make_app(name: str, models: tuple[str, ...] = ("fake-model",), chunks: int =
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="fake")
     parser.add_argument("--model", action="append")
+    parser.add_argument("--tls-state", help="serve mutual TLS as a node, identity kept here")
+    parser.add_argument("--trust", help="with --tls-state: the gateway certificate to serve")
     args = parser.parse_args()
     from myco.serve import bind, serve
 
+    tls = None
+    if args.tls_state:
+        from myco.identity import load_or_create
+        from myco.tls import server_context
+
+        trusted = [Path(args.trust).read_text()] if args.trust else []
+        tls = server_context(load_or_create(Path(args.tls_state), args.name), trusted)
     serve(make_app(args.name, tuple(args.model or ["fake-model"])), bind(args.host, args.port),
-          f"fake upstream {args.name}")
-    del uvicorn
+          f"fake upstream {args.name}", tls=tls)
 
 
 if __name__ == "__main__":

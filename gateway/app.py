@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import httpx
@@ -22,16 +22,18 @@ from litestar import Litestar, Request, Response, get, post
 
 from gateway.audit import AuditEntry, AuditLog
 from gateway.discovery import Discovered, Discovery, judge
-from gateway.egress import Egress, EgressDenied, EgressGuard
+from gateway.egress import Egress, EgressDenied
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
-from gateway.swarm import SwarmWatcher
-from gateway.upstream import Endpoint, UpstreamPool
+from gateway.swarm import SwarmWatcher, Unreachable
+from gateway.upstream import Endpoint, UpstreamPool, WrongPeer
 from gateway.wire import DryRunFields, RoutingFields, decode
 from myco.errors import Denied, ModelNotFound, MycoError, TargetFailed, Unauthorized, Unavailable
 from myco.handlers import exception_handlers
+from myco.identity import Identity
 from myco.proxy import relay
+from myco.tls import client_context
 
 _REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
 _PATHS: dict[EndpointKind, str] = {"chat": "/chat/completions", "completions": "/completions",
@@ -51,54 +53,142 @@ def client_keys(policy: Policy, environ: Mapping[str, str]) -> dict[str, str]:
 
 
 class Gateway:
-    """The state behind the handlers: policy, swarm view, forwarding client, audit log."""
+    """The state behind the handlers: policy, swarm view, forwarding pool, audit log."""
 
-    def __init__(self, settings: GatewaySettings, policy: Policy,
+    def __init__(self, settings: GatewaySettings, policy: Policy, identity: Identity,
                  environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.policy = policy
+        self.identity = identity
         self.keys = client_keys(policy, environ)
         self.upstream_keys = {u.name: environ.get(u.api_key_env, "")
                               for u in policy.upstreams.values() if u.api_key_env}
-        egress = Egress(policy.endpoints())
-        self.pool = UpstreamPool(egress, connect_timeout=settings.connect_timeout,
-                                 read_timeout=settings.read_timeout)
-        self.endpoints = {name: Endpoint.from_url(self.base_url(name))
-                          for name in [*policy.nodes, *policy.upstreams]}
-        # Health checks: httpx, behind the same egress check; no proxies from the environment
-        # (a proxy would be a destination the policy did not list), no redirects.
-        self.client = httpx.AsyncClient(
-            transport=EgressGuard(httpx.AsyncHTTPTransport(), egress), trust_env=False,
-            follow_redirects=False, timeout=settings.health_timeout)
-        self.watcher = SwarmWatcher(policy.nodes, self.client, interval=settings.health_interval,
-                                    timeout=settings.health_timeout)
+        self.egress = Egress(policy.endpoints())
+        self.pool = UpstreamPool(self.egress, connect_timeout=settings.connect_timeout,
+                                 read_timeout=settings.read_timeout,
+                                 node_tls=client_context(identity), node_id=identity.id)
+        self.upstreams = {u.name: Endpoint.from_url(u.base_url)
+                          for u in policy.upstreams.values()}
+        # host:port of each node: from the policy, or from discovery for nodes listed by id.
+        self.addresses: dict[str, str | None] = {n.name: n.address
+                                                 for n in policy.nodes.values()}
+        self.watcher = SwarmWatcher(policy.nodes, self._node_info,
+                                    interval=settings.health_interval,
+                                    timeout=settings.health_timeout, on_unhealthy=self._lost)
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
-        self.discovery = Discovery(settings.discover, on_found=self._found) \
-            if settings.discover else None
+        self.discovery = Discovery(settings.discover, on_found=self._found,
+                                   on_left=self._left) if settings.discover else None
+        self.impostors: dict[str, str] = {}  # mDNS key -> why its certificate failed the check
         self._checks: set[asyncio.Task[None]] = set()
         self._recorded: set[tuple[str, str]] = set()
 
-    def strangers(self) -> list[tuple[str, str]]:
-        """Discovered nodes the policy does not list (or whose identity does not match)."""
+    def endpoint(self, target: str) -> Endpoint | None:
+        """Where to send to `target` now (None: a node whose address is not known yet)."""
+        if target in self.upstreams:
+            return self.upstreams[target]
+        address = self.addresses[target]
+        return Endpoint.for_node(address, self.policy.nodes[target].id) if address else None
+
+    async def _node_info(self, name: str) -> bytes:
+        endpoint = self.endpoint(name)
+        if endpoint is None:
+            raise Unreachable("not discovered yet (listed by id; no mDNS announcement seen)")
+        return await self._info_at(endpoint)
+
+    async def _info_at(self, endpoint: Endpoint) -> bytes:
+        status, body = await self.pool.get(endpoint, "/node/info", self.settings.health_timeout)
+        if status != 200:
+            raise ValueError(f"/node/info answered {status}")
+        return body
+
+    def _lost(self, name: str, reason: str) -> None:
+        """A healthy node failed its health check: fail what is in flight to it now."""
+        endpoint = self.endpoint(name)
+        if endpoint is not None:
+            self.pool.abort(endpoint.host, endpoint.port, f"node {name} is unhealthy: {reason}")
+
+    def judged(self) -> list[tuple[Discovered, str | None, str]]:
+        """Every discovered node: (it, the policy's name for it or None, why).  A node is
+        rejected if the policy does not list it, if its name or id is pinned elsewhere, or if
+        its certificate is not the id it announces."""
         if self.discovery is None:
             return []
-        return [(f"{found.name} ({found.id})", why) for found in self.discovery.nodes.values()
-                for listed, why in [judge(found, self.policy)] if listed is None]
+        out = []
+        for key, found in sorted(self.discovery.nodes.items()):
+            listed, why = judge(found, self.policy)
+            if key in self.impostors:
+                listed, why = None, self.impostors[key]
+            out.append((found, listed, why))
+        return out
+
+    def strangers(self) -> list[tuple[str, str]]:
+        return [(f"{found.name} ({found.id})", why)
+                for found, listed, why in self.judged() if listed is None]
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def _reject(self, found: Discovered, why: str) -> None:
+        """Record a discovered node that will never be routed to, once, in the audit log."""
+        if (found.name, found.id) in self._recorded:
+            return
+        self._recorded.add((found.name, found.id))
+        self.audit.record(AuditEntry(
+            time=time.time(), request_id="", endpoint="discovery", model=None, client=None,
+            rule="none", target=f"{found.name} ({found.id})", status=403, latency_ms=0.0,
+            reason=f"discovered at {', '.join(found.addresses)}:{found.port}: {why}"))
 
     def _found(self, found: Discovered) -> None:
-        """A listed node announced itself: check it now rather than at the next poll.  One the
-        policy does not list is recorded in the audit log, once, and never routed to."""
+        """A listed node announced itself: check it now rather than at the next poll (at the
+        announced address, if the policy leaves the address to discovery).  One the policy
+        does not list is recorded in the audit log, once, and never routed to."""
         listed, why = judge(found, self.policy)
-        if listed is None and (found.name, found.id) not in self._recorded:
-            self._recorded.add((found.name, found.id))
-            self.audit.record(AuditEntry(
-                time=time.time(), request_id="", endpoint="discovery", model=None, client=None,
-                rule="none", target=f"{found.name} ({found.id})", status=403, latency_ms=0.0,
-                reason=f"discovered at {', '.join(found.addresses)}:{found.port}: {why}"))
+        if listed is None:
+            self._reject(found, why)
+        elif self.policy.nodes[listed].address is None and found.addresses:
+            self._spawn(self._adopt(listed, found))
+        else:
+            self._spawn(self.watcher.check_some([listed]))
+
+    async def _adopt(self, name: str, found: Discovered) -> None:
+        """Use an announced address for `name` once the certificate there has its id (or,
+        while it has no address yet, one that does not answer: every connection is pinned,
+        and the health checks say why).  Every address is tried: anyone can announce records
+        for a node's host name."""
+        pin, mismatches, silent = self.policy.nodes[name].id, [], None
+        for host in found.addresses:
+            self.egress.allow(host, found.port)
+            try:
+                await self._info_at(Endpoint.for_node(f"{host}:{found.port}", pin))
+            except WrongPeer as exc:
+                mismatches.append(str(exc))
+                continue
+            except httpx.HTTPError:
+                silent = silent or host
+                continue
+            self._use(name, f"{host}:{found.port}", found)
+            await self.watcher.check_some([name])
+            return
+        if silent is not None and self.addresses[name] is None:
+            self._use(name, f"{silent}:{found.port}", found)
+            await self.watcher.check_some([name])
+        elif mismatches and len(mismatches) == len(found.addresses):
+            why = f"identity mismatch: announces the id of {name!r}, but " + "; ".join(mismatches)
+            self.impostors[found.key] = why
+            self._reject(found, why)
+
+    def _use(self, name: str, address: str, found: Discovered) -> None:
+        self.impostors.pop(found.key, None)
+        self.addresses[name] = address
+
+    def _left(self, found: Discovered) -> None:
+        """A node said goodbye: stop routing to it now (its next good check brings it back)."""
+        self.impostors.pop(found.key, None)
+        listed, _ = judge(found, self.policy)
         if listed is not None:
-            task = asyncio.ensure_future(self.watcher.check_some([listed]))
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
+            self.watcher.mark_failed(listed, "left the network (mDNS goodbye)")
 
     def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
         if not self.keys:
@@ -108,10 +198,6 @@ class Gateway:
         if name is None:
             raise Unauthorized("missing or unknown API key for this gateway")
         return name
-
-    def base_url(self, target: str) -> str:
-        node = self.policy.nodes.get(target)
-        return node.base_url if node else self.policy.upstreams[target].base_url
 
     def headers_for(self, target: str, request: Request[Any, Any, Any]) -> dict[str, str]:
         headers = {"content-type": request.headers.get("content-type", "application/json"),
@@ -138,8 +224,12 @@ class Gateway:
                 raise _REFUSALS[decision.status](decision.message)
             failures: list[str] = []
             for target in decision.eligible:
+                where = self.endpoint(target)
+                if where is None:
+                    failures.append(f"{target}: no address known")
+                    continue
                 try:
-                    upstream = await self.pool.send(self.endpoints[target], _PATHS[endpoint],
+                    upstream = await self.pool.send(where, _PATHS[endpoint],
                                                     self.headers_for(target, request), raw)
                 except EgressDenied as exc:
                     raise TargetFailed(str(exc)) from None
@@ -207,16 +297,17 @@ class Gateway:
         for name, node in self.policy.nodes.items():
             view = self.watcher.views[name]
             info = self.watcher.infos.get(name)
-            out.append({"name": name, "address": node.address, "healthy": view.healthy,
+            out.append({"name": name, "address": self.addresses[name], "id": node.id,
+                        "healthy": view.healthy,
                         "reason": view.reason, "models": sorted(view.models or ()),
                         "loaded": info.loaded if info else [], "queue": info.queue if info else {},
                         "role": info.capabilities.role if info else None})
         return out
 
 
-def create_app(settings: GatewaySettings, policy: Policy, *,
+def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
                environ: Mapping[str, str] = os.environ) -> Litestar:
-    gateway = Gateway(settings, policy, environ)
+    gateway = Gateway(settings, policy, identity, environ)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -230,7 +321,6 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
                 await gateway.discovery.stop()
             await gateway.watcher.stop()
             await gateway.pool.aclose()
-            await gateway.client.aclose()
             gateway.audit.close()
 
     @post("/v1/chat/completions")
@@ -262,17 +352,23 @@ def create_app(settings: GatewaySettings, policy: Policy, *,
     @get("/v1/swarm")
     async def swarm(request: Request[Any, Any, Any]) -> dict[str, Any]:
         gateway.authenticate(request)
-        discovered = gateway.discovery.snapshot(policy) if gateway.discovery else []
+        discovered = [{**msgspec.to_builtins(found), "listed_as": listed, "status": why}
+                      for found, listed, why in gateway.judged()]
         return {"nodes": gateway.swarm(), "discovered": discovered}
 
     @get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "policy": policy.source,
+        return {"status": "ok", "policy": policy.source, "id": identity.id,
                 "nodes": {n: v.healthy for n, v in gateway.watcher.views.items()}}
+
+    @get("/v1/identity")
+    async def show_identity() -> dict[str, Any]:
+        """Public: what a node needs to pair with this gateway (`myco node allow`)."""
+        return {"id": identity.id, "certificate": identity.pem()}
 
     return Litestar(
         route_handlers=[chat, completions, embeddings, models, dry_run, show_policy, swarm,
-                        health],
+                        health, show_identity],
         lifespan=[lifespan],
         exception_handlers=exception_handlers({"x-myco-node": "-", "x-myco-rule": "none"}),
         request_max_body_size=settings.max_body_bytes,

@@ -8,6 +8,7 @@ that stops cleanly sends a goodbye and disappears from `nodes` at once.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -21,11 +22,20 @@ from zeroconf.const import _CLASS_IN, _TYPE_PTR
 
 from gateway.policy import Policy
 
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
 log = logging.getLogger("myco.gateway.discovery")
 SERVICE = "_myco._tcp.local."
 
 
 class Discovered(msgspec.Struct, frozen=True):
+    key: str  # the mDNS service instance name
     name: str
     id: str
     addresses: tuple[str, ...]
@@ -38,23 +48,23 @@ class _Goodbyes(RecordUpdateListener):
     """Drop a node the moment its goodbye (a PTR with TTL 0) arrives: the browser itself only
     reports the removal when zeroconf's cache next expires records, up to 10 s later."""
 
-    def __init__(self, nodes: dict[str, Discovered]) -> None:
-        self._nodes = nodes
+    def __init__(self, discovery: Discovery) -> None:
+        self._discovery = discovery
 
     def async_update_records(self, zc: Zeroconf, now: float, records: list[Any]) -> None:
         for update in records:
             record = update.new
-            goodbye = isinstance(record, DNSPointer) and record.name == SERVICE \
-                and record.ttl == 0
-            if goodbye and self._nodes.pop(record.alias, None) is not None:
-                log.info("mDNS: %s said goodbye", record.alias)
+            if isinstance(record, DNSPointer) and record.name == SERVICE and record.ttl == 0:
+                self._discovery.remove(record.alias, "said goodbye")
 
 
 class Discovery:
     def __init__(self, interface: str, *, request_timeout_ms: int = 1000,
-                 on_found: Callable[[Discovered], object] | None = None) -> None:
+                 on_found: Callable[[Discovered], object] | None = None,
+                 on_left: Callable[[Discovered], object] | None = None) -> None:
         self._interface = interface
         self._on_found = on_found
+        self._on_left = on_left
         self._timeout = request_timeout_ms
         self.nodes: dict[str, Discovered] = {}  # by service instance name
         self._zc: AsyncZeroconf | None = None
@@ -64,8 +74,7 @@ class Discovery:
     def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
                  state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
-            log.info("mDNS: %s left", name)
-            self.nodes.pop(name, None)
+            self.remove(name, "left")
             return
         task = asyncio.ensure_future(self._resolve(zeroconf, service_type, name))
         self._tasks.add(task)
@@ -77,17 +86,24 @@ class Discovery:
             return
         props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
         found = Discovered(
-            props.get("name") or name.removesuffix("." + SERVICE), props.get("id", ""),
+            name, props.get("name") or name.removesuffix("." + SERVICE), props.get("id", ""),
             tuple(info.parsed_addresses()), info.port or 0, props, time.time())
         self.nodes[name] = found
         if self._on_found is not None:
             self._on_found(found)
 
+    def remove(self, name: str, how: str) -> None:
+        found = self.nodes.pop(name, None)
+        if found is not None:
+            log.info("mDNS: %s %s", name, how)
+            if self._on_left is not None:
+                self._on_left(found)
+
     async def start(self) -> None:
         self._zc = AsyncZeroconf(interfaces=[self._interface], ip_version=IPVersion.V4Only)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE],
                                             handlers=[self._changed])
-        self._zc.zeroconf.async_add_listener(_Goodbyes(self.nodes),
+        self._zc.zeroconf.async_add_listener(_Goodbyes(self),
                                              DNSQuestion(SERVICE, _TYPE_PTR, _CLASS_IN))
 
     async def stop(self) -> None:
@@ -98,16 +114,17 @@ class Discovery:
         if self._zc is not None:
             await self._zc.async_close()
 
-    def snapshot(self, policy: Policy) -> list[dict[str, Any]]:
-        return [{**msgspec.to_builtins(d), "listed_as": listed, "status": status}
-                for d in sorted(self.nodes.values(), key=lambda d: d.name)
-                for listed, status in [judge(d, policy)]]
-
 
 def judge(found: Discovered, policy: Policy) -> tuple[str | None, str]:
-    """(the policy's name for a discovered node or None, why): pure."""
+    """(the policy's name for a discovered node or None, why): pure.  An announcement only
+    claims an id; the certificate is checked when the gateway connects."""
     for node in policy.nodes.values():
         if node.id is not None and node.id == found.id:
+            announced = {f"{address}:{found.port}" for address in found.addresses}
+            if node.address is not None and _is_ip(node.address.rpartition(":")[0]) \
+                    and node.address not in announced:
+                return None, (f"identity mismatch: claims the id of {node.name!r}, which the "
+                              f"policy places at {node.address}")
             return node.name, "listed"
     pinned = policy.nodes.get(found.name)
     if pinned is not None and pinned.id is not None:

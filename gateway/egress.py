@@ -4,9 +4,9 @@
 `0x7f.1` or `[::ffff:127.0.0.1]` included, because the system resolver is what a socket would
 use) and returns an address that, with `port`, is one of the listed endpoints; anything else
 raises `EgressDenied`.  Callers then connect to that checked address, so a name cannot resolve
-differently between the check and the connect.  Both ways out of the gateway go through it:
-the forwarding pool (`gateway/upstream.py`) when it opens a connection, and `EgressGuard`, the
-httpx transport wrapper the health checks use.  Redirects are never followed.
+differently between the check and the connect.  The gateway's one way out, the forwarding pool
+(`gateway/upstream.py`, which also carries the health checks), asks it before every new
+connection.  Redirects are never followed.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ class Egress:
         self._allowed: set[tuple[str, int]] = set()
         self._allowed_at = -1.0
 
+    def allow(self, host: str, port: int) -> None:
+        """Add an endpoint: where discovery found a node the policy lists by id.  Only a
+        TLS handshake happens there before the node's certificate is checked against the id."""
+        if (host.lower(), port) not in self._listed:
+            self._listed.append((host.lower(), port))
+            self._allowed_at = -1.0
+
     async def _addresses(self, host: str, port: int) -> list[str]:
         now = time.monotonic()
         hit = self._cache.get(host)
@@ -74,24 +81,3 @@ class Egress:
             if (address, port) in allowed:
                 return address
         raise EgressDenied(f"egress to {host}:{port} refused: not listed in the policy")
-
-
-class EgressGuard(httpx.AsyncBaseTransport):
-    """An httpx transport that lets a request through only to a listed endpoint."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport, egress: Egress) -> None:
-        self._inner = inner
-        self._egress = egress
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        port = url.port or (443 if url.scheme == "https" else 80)
-        checked = await self._egress.address_for(url.host, port)
-        if checked != url.host:
-            if url.scheme == "https":
-                request.extensions = {**request.extensions, "sni_hostname": url.host}
-            request.url = url.copy_with(host=checked)
-        return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()

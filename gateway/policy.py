@@ -45,8 +45,8 @@ class PolicyError(Exception):
 
 
 class _Node(msgspec.Struct, forbid_unknown_fields=True):
-    address: str
-    id: str | None = None  # the node's identity (`myco node id`); pinned when given
+    address: str | None = None  # host:port; None: wherever discovery finds the id
+    id: str | None = None  # the node's identity (`myco node id`): its TLS certificate
 
 
 class _Upstream(msgspec.Struct, forbid_unknown_fields=True):
@@ -92,13 +92,12 @@ class _File(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Node(msgspec.Struct, frozen=True):
-    name: str
-    address: str  # host:port
-    id: str | None = None
+    """A node the gateway may use.  Traffic to it is mutual TLS; the certificate it presents
+    must have `id` (only a loopback node may leave it out: it is then not pinned)."""
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.address}/v1"
+    name: str
+    address: str | None  # host:port; None: learnt from discovery (mDNS) by id
+    id: str | None = None
 
 
 class Upstream(msgspec.Struct, frozen=True):
@@ -166,8 +165,9 @@ class Policy(msgspec.Struct, frozen=True):
     audit: Audit
 
     def endpoints(self) -> list[tuple[str, int]]:
-        """Every host:port the gateway may open a connection to."""
-        pairs = [split_host_port(n.address) for n in self.nodes.values()]
+        """Every host:port the policy names, that the gateway may open a connection to.
+        (Discovered addresses of nodes listed by id are added as discovery finds them.)"""
+        pairs = [split_host_port(n.address) for n in self.nodes.values() if n.address]
         for upstream in self.upstreams.values():
             parts = urlsplit(upstream.url)
             default = 443 if parts.scheme == "https" else 80
@@ -183,6 +183,15 @@ def split_host_port(address: str) -> tuple[str, int]:
     if ":" in host:
         ipaddress.IPv6Address(host)  # a bare IPv6 host must be bracketed and valid
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def matches(match: Match, endpoint: EndpointKind, model: str, client: str | None,
@@ -237,16 +246,25 @@ def parse(text: str, source: str = "<policy>") -> Policy:
     doc = convert(raw, _File, ())
     nodes: dict[str, Node] = {}
     for name, node in _entries(doc.nodes, _Node, "nodes", convert):
-        try:
-            split_host_port(node.address)
-        except ValueError as exc:
-            raise fail(("nodes", name, "address"), f"nodes.{name}.address: {exc}") from None
+        host = None
+        if node.address is not None:
+            try:
+                host = split_host_port(node.address)[0]
+            except ValueError as exc:
+                raise fail(("nodes", name, "address"), f"nodes.{name}.address: {exc}") from None
         node_id = None
         if node.id is not None:
             try:
                 node_id = parse_id(node.id)
             except ValueError as exc:
                 raise fail(("nodes", name, "id"), f"nodes.{name}.id: {exc}") from None
+        elif host is None:
+            raise fail(("nodes", name), f"nodes.{name}: give `id` (what `myco node id` prints "
+                       "on that machine), `address`, or both")
+        elif not is_loopback(host):
+            raise fail(("nodes", name, "address"), f"nodes.{name}: `id` is required for a node "
+                       "off this machine (run `myco node id` there); only a loopback node may "
+                       "go unpinned")
         nodes[name] = Node(name, node.address, node_id)
 
     upstreams: dict[str, Upstream] = {}

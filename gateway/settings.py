@@ -20,6 +20,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     connect_timeout: float = 3.0
     read_timeout: float = 600.0  # a long generation without streaming
     discover: str | None = None  # interface address to browse mDNS on; None: no discovery
+    state_dir: str = ""  # the gateway's identity (key, certificate)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> GatewaySettings:
@@ -32,7 +33,12 @@ class GatewaySettings(msgspec.Struct, frozen=True):
         values.update({k: v for k, v in flags.items() if v is not None})
         if "policy_path" not in values:
             values["policy_path"] = environ.get("MYCO_POLICY", "policies/default.toml")
+        values.setdefault("state_dir", str(default_state_dir()))
         return msgspec.convert(values, cls, strict=False)
+
+
+def default_state_dir() -> str:
+    return str(platformdirs.user_state_path("mycoswarm") / "gateway")
 
 
 def default_audit_path() -> str:

@@ -2,7 +2,9 @@
 
 `SwarmWatcher` polls each listed node's `/node/info` every `interval` seconds (timeout per
 check), and turns the answers into `NodeView`s that `resolve` reads.  A failed check marks the
-node unhealthy with the reason; the next good one brings it back.  Only listed nodes are polled;
+node unhealthy with the reason, and tells `on_unhealthy` when a healthy node fails (the gateway
+then fails the requests in flight to it rather than let them hang); the next good check brings
+it back.  Only listed nodes are polled, through `fetch` (the gateway's pinned mutual-TLS pool);
 upstreams are never contacted in the background (a cloud API hears from us only when a request
 is routed to it).
 """
@@ -12,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import httpx
 import msgspec
 
-from gateway.policy import Node
 from gateway.resolve import NodeView
 
 log = logging.getLogger("myco.gateway.swarm")
@@ -49,49 +51,68 @@ def view_from_info(name: str, info: NodeInfo) -> NodeView:
     return NodeView(name, True, served)
 
 
+Fetch = Callable[[str], Awaitable[bytes]]  # node name -> its /node/info body
+
+
+class Unreachable(Exception):
+    """The node cannot be checked (yet): no address is known for it."""
+
+
 class SwarmWatcher:
-    def __init__(self, nodes: dict[str, Node], client: httpx.AsyncClient, *,
-                 interval: float = 1.0, timeout: float = 1.0) -> None:
-        self._nodes = nodes
-        self._client = client
+    def __init__(self, names: Iterable[str], fetch: Fetch, *, interval: float = 1.0,
+                 timeout: float = 1.0,
+                 on_unhealthy: Callable[[str, str], object] | None = None) -> None:
+        self._names = list(names)
+        self._fetch = fetch
         self._interval = interval
         self._timeout = timeout
+        self._on_unhealthy = on_unhealthy
         self.views: dict[str, NodeView] = {
-            name: NodeView(name, False, None, "not checked yet") for name in nodes}
+            name: NodeView(name, False, None, "not checked yet") for name in self._names}
         self.infos: dict[str, NodeInfo] = {}
         self._task: asyncio.Task[None] | None = None
         self._decoder = msgspec.json.Decoder(NodeInfo)
 
-    async def check(self, node: Node) -> NodeView:
+    async def check(self, name: str) -> NodeView:
         try:
-            response = await self._client.get(f"http://{node.address}/node/info",
-                                               timeout=self._timeout)
-            if response.status_code != 200:
-                raise ValueError(f"/node/info answered {response.status_code}")
-            info = self._decoder.decode(response.content)
+            info = self._decoder.decode(
+                await asyncio.wait_for(self._fetch(name), self._timeout))
+        except Unreachable as exc:
+            return self._failed(name, str(exc))
+        except TimeoutError:
+            return self._failed(name, "health check failed (no answer within "
+                                f"{self._timeout:g} s)")
         except (httpx.HTTPError, ValueError, msgspec.DecodeError) as exc:
             reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            previous = self.views.get(node.name)
-            models = previous.models if previous else None
-            return NodeView(node.name, False, models, f"health check failed ({reason})")
-        self.infos[node.name] = info
-        return view_from_info(node.name, info)
+            return self._failed(name, f"health check failed ({reason})")
+        self.infos[name] = info
+        return view_from_info(name, info)
+
+    def _failed(self, name: str, reason: str) -> NodeView:
+        previous = self.views.get(name)
+        return NodeView(name, False, previous.models if previous else None, reason)
 
     async def check_all(self) -> None:
-        await self.check_some(list(self._nodes))
+        await self.check_some(self._names)
 
     async def check_some(self, names: list[str]) -> None:
         """Check these listed nodes now (also used when discovery sees one appear)."""
-        views = await asyncio.gather(*(self.check(self._nodes[n]) for n in names))
+        views = await asyncio.gather(*(self.check(n) for n in names))
         for view in views:
-            before = self.views.get(view.name)
-            if before is None or before.healthy != view.healthy:
-                log.info("node %s is %s%s", view.name, "healthy" if view.healthy else "unhealthy",
-                         "" if view.healthy else f": {view.reason}")
-            self.views[view.name] = view
+            self._set(view)
+
+    def _set(self, view: NodeView) -> None:
+        before = self.views.get(view.name)
+        if before is None or before.healthy != view.healthy:
+            log.info("node %s is %s%s", view.name, "healthy" if view.healthy else "unhealthy",
+                     "" if view.healthy else f": {view.reason}")
+            if before is not None and before.healthy and self._on_unhealthy is not None:
+                self._on_unhealthy(view.name, view.reason)
+        self.views[view.name] = view
 
     def mark_failed(self, name: str, reason: str) -> None:
-        """A forward to `name` could not connect: stop routing to it until it answers again."""
+        """A forward to `name` could not connect, or it left: stop routing to it until it
+        answers again."""
         before = self.views.get(name)
         if before is not None:
             self.views[name] = NodeView(name, False, before.models, reason)
@@ -105,7 +126,7 @@ class SwarmWatcher:
                 log.exception("swarm check failed")
 
     async def start(self) -> None:
-        if self._nodes:
+        if self._names:
             await self.check_all()
         self._task = asyncio.create_task(self._loop())
 

@@ -5,9 +5,18 @@ Why not httpx here: through httpx (client and httpcore pool) one forwarded reque
 a fake upstream that serves 9,000), which alone broke the overhead budget; see
 bench/gateway_overhead.py.  This pool parses with httptools (the C parser uvicorn uses), keeps
 idle connections per endpoint (LIFO), and streams body chunks as they arrive, with flow
-control.  httpx still does the gateway's other HTTP (health checks), and its exception types
-are what this module raises, so callers handle one set of errors.  Every new connection asks
-`Egress` first: no socket is opened to anything the policy does not list.
+control.  Health checks to nodes go through it too.  Its exception types are httpx's, so
+callers handle one set of errors.  Every new connection asks `Egress` first: no socket is opened
+to anything the policy does not list.
+
+Nodes are reached over mutual TLS (myco/tls.py): the pool presents the gateway's certificate,
+and before the first byte of a request it checks that the node's certificate has the id the
+policy pins (`WrongPeer` otherwise).  A node that does not know the gateway refuses it during
+the handshake (`NotPaired`): node links are TLS 1.2, where the server checks the client's
+certificate before the handshake completes, so a refusal is known before a request is sent
+(with 1.3 it would surface as a closed connection after the request, indistinguishable from a
+crash; asyncio servers send no alert either way).  Both are `httpx.ConnectError`s: nothing
+was processed, so the caller may try another target.
 """
 
 from __future__ import annotations
@@ -23,8 +32,17 @@ import httptools
 import httpx
 
 from gateway.egress import Egress
+from myco.tls import IdentityMismatch, check_peer
 
 _HIGH_WATER = 64  # buffered body chunks before we stop reading from the socket
+
+
+class WrongPeer(httpx.ConnectError):
+    """The node's certificate is not the one its id pins."""
+
+
+class NotPaired(httpx.ConnectError):
+    """The node refused our certificate: it is not paired with this gateway."""
 
 
 class Endpoint(NamedTuple):
@@ -32,12 +50,19 @@ class Endpoint(NamedTuple):
     host: str
     port: int
     base_path: str  # e.g. "/v1"
+    node: bool = False  # mutual TLS as the gateway, the peer checked against `pin`
+    pin: str | None = None  # the id a node must present (None: a loopback node, unpinned)
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+
+    @classmethod
+    def for_node(cls, address: str, pin: str | None, base_path: str = "/v1") -> Endpoint:
+        host, _, port = address.rpartition(":")
+        return cls("https", host.strip("[]"), int(port), base_path, True, pin)
 
 
 class _Connection(asyncio.Protocol):
@@ -153,34 +178,58 @@ class UpstreamResponse:
 
 class UpstreamPool:
     def __init__(self, egress: Egress, *, connect_timeout: float, read_timeout: float,
+                 node_tls: ssl.SSLContext | None = None, node_id: str = "GATEWAY_ID",
                  max_idle_per_endpoint: int = 64) -> None:
         self._egress = egress
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._node_tls = node_tls  # myco.tls.client_context(the gateway's identity)
+        self._node_id = node_id  # that identity's id, for error messages
         self._max_idle = max_idle_per_endpoint
         self._idle: dict[Endpoint, list[_Connection]] = {}
+        self._busy: dict[tuple[str, int], set[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
-    async def _connect(self, endpoint: Endpoint) -> _Connection:
-        address = await self._egress.address_for(endpoint.host, endpoint.port)
-        context = None
+    def _context(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        if endpoint.node:
+            if self._node_tls is None:
+                raise httpx.ConnectError("no gateway identity to reach nodes with")
+            return self._node_tls
         if endpoint.scheme == "https":
             self._ssl = self._ssl or ssl.create_default_context()
-            context = self._ssl
+            return self._ssl
+        return None
+
+    async def _connect(self, endpoint: Endpoint, timeout: float) -> _Connection:
+        address = await self._egress.address_for(endpoint.host, endpoint.port)
+        context = self._context(endpoint)
         loop = asyncio.get_running_loop()
+        where = f"{endpoint.host}:{endpoint.port}"
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
+            transport, conn = await asyncio.wait_for(loop.create_connection(
                 _Connection, address, endpoint.port, ssl=context,
-                server_hostname=endpoint.host if context else None), self._connect_timeout)
+                server_hostname=endpoint.host if context else None), timeout)
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"timed out connecting to {endpoint.host}:"
-                                       f"{endpoint.port}") from None
+            raise httpx.ConnectTimeout(f"timed out connecting to {where}") from None
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            if endpoint.node:  # connected, then the handshake was cut off
+                raise NotPaired(f"{where} refused this gateway's certificate in the TLS "
+                                "handshake: pair them on the node with "
+                                f"`myco node allow {self._node_id}`") from None
+            raise httpx.ConnectError(f"TLS with {where} failed: {exc}") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {endpoint.host}:{endpoint.port}: "
-                                     f"{exc.strerror or exc}") from None
+            raise httpx.ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") \
+                from None
+        if endpoint.node:
+            try:
+                check_peer(transport.get_extra_info("ssl_object"), endpoint.pin)
+            except IdentityMismatch as exc:
+                conn.close()
+                raise WrongPeer(f"{where}: {exc}") from None
         return conn
 
     def release(self, endpoint: Endpoint, conn: _Connection) -> None:
+        self._busy.get((endpoint.host, endpoint.port), set()).discard(conn)
         idle = self._idle.setdefault(endpoint, [])
         if conn.reusable() and len(idle) < self._max_idle:
             conn.reset()
@@ -188,10 +237,20 @@ class UpstreamPool:
         else:
             conn.close()
 
+    def abort(self, host: str, port: int, reason: str) -> int:
+        """Fail every request in flight to host:port (its node is gone); how many there were."""
+        busy = self._busy.pop((host, port), set())
+        for conn in busy:
+            conn._fail(httpx.ReadError(reason))
+            conn.close()
+        return len(busy)
+
     async def send(self, endpoint: Endpoint, path: str, headers: dict[str, str],
-                   body: bytes) -> UpstreamResponse:
-        """POST `body` to `endpoint` + `path`; the response body is read by the caller."""
-        lines = [f"POST {endpoint.base_path}{path} HTTP/1.1",
+                   body: bytes, *, method: str = "POST",
+                   timeout: float | None = None) -> UpstreamResponse:
+        """Send `body` to `endpoint` + `path`; the response body is read by the caller.
+        `timeout` (seconds) replaces the pool's connect and read timeouts for this request."""
+        lines = [f"{method} {endpoint.base_path}{path} HTTP/1.1",
                  f"host: {endpoint.host}:{endpoint.port}", f"content-length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
@@ -200,28 +259,48 @@ class UpstreamPool:
         while idle and conn is None:
             candidate = idle.pop()
             conn = None if candidate.closed else candidate
+        read_timeout = self._read_timeout if timeout is None else timeout
         if conn is not None:
             try:
-                return await self._exchange(endpoint, conn, request)
+                return await self._exchange(endpoint, conn, request, read_timeout)
             except httpx.RemoteProtocolError:
                 if conn.got_response:
                     raise
                 # The server had closed this idle connection before reading our request:
                 # nothing was processed, so sending it again on a new connection is safe.
-        return await self._exchange(endpoint, await self._connect(endpoint), request)
+        connect_timeout = min(self._connect_timeout, timeout or self._connect_timeout)
+        conn = await self._connect(endpoint, connect_timeout)
+        return await self._exchange(endpoint, conn, request, read_timeout)
 
-    async def _exchange(self, endpoint: Endpoint, conn: _Connection,
-                        request: bytes) -> UpstreamResponse:
+    async def _exchange(self, endpoint: Endpoint, conn: _Connection, request: bytes,
+                        read_timeout: float) -> UpstreamResponse:
+        busy = self._busy.setdefault((endpoint.host, endpoint.port), set())
+        busy.add(conn)
         conn.transport.write(request)
         try:
-            await asyncio.wait_for(conn.headers_done.wait(), self._read_timeout)
+            await asyncio.wait_for(conn.headers_done.wait(), read_timeout)
         except TimeoutError:
+            conn.error = httpx.ReadTimeout("timed out waiting for the response headers")
+        except asyncio.CancelledError:
+            conn.error = httpx.ReadError("cancelled")
+            busy.discard(conn)
             conn.close()
-            raise httpx.ReadTimeout("timed out waiting for the response headers") from None
+            raise
         if conn.error is not None:
+            busy.discard(conn)
             conn.close()
             raise conn.error
-        return UpstreamResponse(self, endpoint, conn, self._read_timeout)
+        return UpstreamResponse(self, endpoint, conn, read_timeout)
+
+    async def get(self, endpoint: Endpoint, path: str, timeout: float) -> tuple[int, bytes]:
+        """GET `path` (from the endpoint's root) within `timeout` seconds: status and body."""
+        async with asyncio.timeout(timeout):
+            response = await self.send(endpoint._replace(base_path=""), path, {}, b"",
+                                       method="GET", timeout=timeout)
+            try:
+                return response.status_code, await response.aread()
+            finally:
+                await response.aclose()
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -40,24 +40,33 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.policy import PolicyError
     from gateway.settings import GatewaySettings
+    from myco.identity import load_or_create
     from myco.serve import bind, serve
 
-    _log_setup()
     settings = GatewaySettings.from_env(policy_path=args.policy, host=args.host, port=args.port,
-                                        audit_path=args.audit_log, discover=args.discover)
+                                        audit_path=args.audit_log, discover=args.discover,
+                                        state_dir=args.state_dir)
+    identity = load_or_create(Path(settings.state_dir), "myco gateway")
+    if args.action == "id":
+        print(identity.id)
+        return
+    _log_setup()
     policy = _policy_or_exit(settings.policy_path)
     try:
-        app = create_app(settings, policy)
+        app = create_app(settings, policy, identity)
     except PolicyError as exc:
         print(f"myco: invalid policy: {exc}", file=sys.stderr)
         sys.exit(2)
+    logging.getLogger("myco.gateway").info(
+        "gateway id %s (pair a node with it: `myco node allow %s`)", identity.id, identity.id)
     serve(app, bind(settings.host, settings.port), "myco gateway")
 
 
 def cmd_node(args: argparse.Namespace) -> None:
     from myco.identity import load_or_create
     from myco.serve import bind, serve
-    from nodeagent import hardware
+    from myco.tls import server_context
+    from nodeagent import hardware, pairing
     from nodeagent.app import NodeAgent, create_app
     from nodeagent.settings import NodeSettings
 
@@ -69,14 +78,50 @@ def cmd_node(args: argparse.Namespace) -> None:
     if args.action == "id":
         print(identity.id)
         return
+    if args.action == "allow":
+        _node_allow(args, Path(settings.state_dir))
+        return
     _log_setup()
+    log = logging.getLogger("myco.node")
+    try:
+        paired = pairing.load(Path(settings.state_dir))
+    except pairing.PairingError as exc:
+        print(f"myco: {exc}", file=sys.stderr)
+        sys.exit(2)
     sock = bind(settings.host, settings.port)
-    agent = NodeAgent(settings, hardware.detect(), identity, port=sock.getsockname()[1])
+    tls = server_context(identity, paired.values())
+    agent = NodeAgent(settings, hardware.detect(), identity, port=sock.getsockname()[1],
+                      tls=tls, paired=paired)
     models = agent.store.list()
-    logging.getLogger("myco.node").info(
-        "node %s (id %s): %d model(s) in %s: %s", settings.name, identity.id, len(models),
-        settings.models_dir, ", ".join(m.id for m in models) or "none")
-    serve(create_app(agent), sock, "myco node")
+    log.info("node %s (id %s): %d model(s) in %s: %s", settings.name, identity.id, len(models),
+             settings.models_dir, ", ".join(m.id for m in models) or "none")
+    if paired:
+        log.info("serving %d paired gateway(s): %s", len(paired), ", ".join(paired))
+    else:
+        log.warning("no gateway is paired with this node: it refuses every connection until "
+                    "`myco node allow GATEWAY_ID` (the gateway logs its id at start)")
+    serve(create_app(agent), sock, "myco node", tls=tls)
+
+
+def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
+    """Pair a gateway with this node: its certificate, from a file or from the gateway,
+    must have the id the person typed."""
+    from nodeagent import pairing
+
+    if args.cert:  # a file the person chose: its certificate is the one to trust
+        pem, name = Path(args.cert).read_text(encoding="ascii"), args.cert
+    elif args.peer:  # fetched over the network: it must be the id the person typed
+        pem, name = _gateway_call(args, "GET", "/v1/identity")["certificate"], args.gateway
+    else:
+        raise SystemExit("myco: which gateway? `myco node allow GATEWAY_ID` "
+                         "(`myco gateway id` prints it), or --cert FILE")
+    try:
+        gateway_id = args.peer or pairing.certificate_id(pem)
+        added = pairing.add(state_dir, gateway_id, pem, name)
+    except ValueError as exc:
+        raise SystemExit(f"myco: not paired: {exc}") from None
+    print(f"{'paired' if added else 'already paired:'} gateway {gateway_id} "
+          f"({state_dir / pairing.FILE}); a running node serves it within a second")
 
 
 def _gateway_call(args: argparse.Namespace, method: str, path: str,
@@ -105,7 +150,8 @@ def cmd_nodes(args: argparse.Namespace) -> None:
         print("the policy lists no nodes")
     for n in nodes:
         state = "healthy" if n["healthy"] else f"UNHEALTHY ({n['reason']})"
-        print(f"{n['name']:<16} {n['address']:<22} {state}  role={n['role']}")
+        print(f"{n['name']:<16} {n['address'] or '(by id)':<22} {state}  role={n['role']}")
+        print(f"    id {n['id'] or 'not pinned (loopback)'}")
         for model in n["models"]:
             loaded = " (loaded)" if model in n["loaded"] else ""
             print(f"    {model}{loaded} queue={n['queue'].get(model, 0)}")
@@ -155,14 +201,17 @@ def cmd_policy_allow(args: argparse.Namespace) -> None:
 
     found = [d for d in _gateway_call(args, "GET", "/v1/swarm")["discovered"]
              if args.node in (d["name"], d["id"])]
+    listed = [d for d in found if d["status"] == "listed"]
+    if listed:
+        print(f"{listed[0]['name']} ({listed[0]['id']}) is already in the policy")
+        return
+    # A host whose name or id is pinned to another certificate is never a candidate.
+    found = [d for d in found if not d["status"].startswith("identity mismatch")]
     if len(found) != 1:
         print(f"myco: {len(found)} discovered nodes match {args.node!r}; "
               "name one by its id (see `myco nodes`)", file=sys.stderr)
         sys.exit(1)
     node = found[0]
-    if node["status"] == "listed":
-        print(f"{node['name']} ({node['id']}) is already in the policy")
-        return
     path = Path(args.policy)
     text = path.read_text(encoding="utf-8")
     name = args.name or node["name"]
@@ -206,12 +255,12 @@ def cmd_hw(args: argparse.Namespace) -> None:
         print(f"  {fit.model}: {fit.fit} - {fit.reason}")
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen[str], tls: Any, timeout: float = 60) -> None:
     """Until `url` answers, so the gateway's first health check finds the node up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1, verify=tls).status_code == 200:
                 return
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -219,15 +268,27 @@ def _wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60) ->
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    """Start a local node and a gateway; stop both on Ctrl-C."""
+    """Start a local node and a gateway, paired with each other; stop both on Ctrl-C."""
+    from gateway.settings import GatewaySettings
+    from myco.identity import load_or_create
+    from myco.tls import client_context
+    from nodeagent import pairing
+    from nodeagent.settings import NodeSettings
+
     _policy_or_exit(args.policy)
+    gateway_id = load_or_create(Path(GatewaySettings.from_env().state_dir), "myco gateway")
+    node_settings = NodeSettings.from_env()
+    load_or_create(Path(node_settings.state_dir), node_settings.name)
+    # One machine, one user: the local node serves the local gateway.
+    pairing.add(Path(node_settings.state_dir), gateway_id.id, gateway_id.pem(), "myco up")
     me = [sys.executable, "-m", "myco.cli"]
     # Children get their own session: Ctrl-C reaches only us, and we stop them once, in order.
     node = subprocess.Popen([*me, "node", "--port", str(args.node_port)], text=True,
                             start_new_session=True)
     procs = [node]
     try:
-        _wait_healthy(f"http://127.0.0.1:{args.node_port}/health", node)
+        _wait_healthy(f"https://127.0.0.1:{args.node_port}/health", node,
+                      client_context(gateway_id))
         gateway = subprocess.Popen([*me, "gateway", "--policy", args.policy, "--port",
                                     str(args.port)], stdout=subprocess.PIPE, text=True,
                                    start_new_session=True)
@@ -272,7 +333,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--node-port", type=int, default=8788)
     up.set_defaults(func=cmd_up)
 
-    gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway "
+                        "(`myco gateway id`: its id)")
+    gw.add_argument("action", nargs="?", choices=["id"], help="print the gateway's id and exit")
+    gw.add_argument("--state-dir", help="identity (default: the user state dir)")
     gw.add_argument("--policy", help="policy file (default: $MYCO_POLICY or policies/default.toml)")
     gw.add_argument("--host", help="listen address (default 127.0.0.1)")
     gw.add_argument("--port", type=int, help="listen port (default 8787; 0 picks a free one)")
@@ -281,8 +345,15 @@ def parser() -> argparse.ArgumentParser:
                     "interface with this IPv4 address (discovery shows; the policy decides)")
     gw.set_defaults(func=cmd_gateway)
 
-    nd = sub.add_parser("node", help="run this machine's node agent (`myco node id`: its id)")
-    nd.add_argument("action", nargs="?", choices=["id"], help="print this node's id and exit")
+    nd = sub.add_parser("node", help="run this machine's node agent (`myco node id`: its id; "
+                        "`myco node allow GATEWAY_ID`: serve that gateway)")
+    nd.add_argument("action", nargs="?", choices=["id", "allow"],
+                    help="id: print this node's id; allow: pair a gateway with this node")
+    nd.add_argument("peer", nargs="?", help="allow: the gateway's id")
+    nd.add_argument("--cert", help="allow: the gateway's certificate file (else it is fetched "
+                    "from --gateway and must have the id given)")
+    nd.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY),
+                    help="allow: the gateway to fetch the certificate from")
     nd.add_argument("--state-dir", help="identity and state (default: the user state dir)")
     nd.add_argument("--announce", metavar="ADDRESS", help="announce this node by mDNS on "
                     "the interface with this IPv4 address (default: the --host address, "

@@ -25,6 +25,10 @@ class Identity(msgspec.Struct, frozen=True):
     cert_path: str
     key_path: str
 
+    def pem(self) -> str:
+        """The certificate (public), as PEM."""
+        return Path(self.cert_path).read_text(encoding="ascii")
+
 
 def _luhn32(chunk: str) -> str:
     factor, total = 1, 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import sys
 from typing import Any
 
@@ -23,17 +24,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def serve(app: Any, sock: socket.socket, what: str) -> None:
+def serve(app: Any, sock: socket.socket, what: str,
+          tls: ssl.SSLContext | None = None) -> None:
     """Serve on `sock` (see `bind`) until SIGINT/SIGTERM; print `<what> listening on <url>`
-    once accepting."""
-    url = url_of(sock)
+    once accepting.  With `tls` (see myco/tls.py) every connection is TLS with that context."""
+    url = url_of(sock, "https" if tls else "http")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            ssl_context_factory=(lambda *_: tls) if tls else None)
     server = uvicorn.Server(config)
 
     async def main() -> None:

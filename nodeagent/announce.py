@@ -19,7 +19,8 @@ PROTOCOL = "1"
 
 
 class Announcer:
-    def __init__(self, interface: str, name: str, port: int, txt: dict[str, str]) -> None:
+    def __init__(self, interface: str, name: str, port: int, txt: dict[str, str],
+                 host_name: str | None = None) -> None:
         self._interface = interface
         self._zc: AsyncZeroconf | None = None
         self._registering: Awaitable[None] | None = None
@@ -29,7 +30,7 @@ class Announcer:
             properties={"v": PROTOCOL, "name": name, **txt},
             addresses=[socket.inet_pton(socket.AF_INET, interface)],
             # A host name of its own: hosts (and namespaces) may share socket.gethostname().
-            server=f"myco-{txt.get('id', name)[:7].lower()}.local.")
+            server=host_name or f"myco-{txt.get('id', name)[:7].lower()}.local.")
 
     async def start(self) -> None:
         """Begin announcing; probing and the first announcements go on in the background."""

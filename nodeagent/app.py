@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from myco.errors import ModelNotFound, TargetFailed, Unavailable
 from myco.handlers import exception_handlers
 from myco.identity import Identity
 from myco.proxy import relay
-from nodeagent import capability, hardware, wire
+from nodeagent import capability, hardware, pairing, wire
 from nodeagent.announce import Announcer
 from nodeagent.runners import RunnerPool
 from nodeagent.settings import NodeSettings
@@ -37,10 +38,13 @@ class NodeAgent:
     """The state behind the handlers: store, hardware snapshot, runner pool."""
 
     def __init__(self, settings: NodeSettings, hw: hardware.Hardware, identity: Identity, *,
-                 port: int) -> None:
+                 port: int, tls: ssl.SSLContext | None = None,
+                 paired: Iterable[str] = ()) -> None:
         self.settings = settings
         self.identity = identity
         self.port = port
+        self.tls = tls  # what the node serves with (myco.tls.server_context)
+        self.paired = set(paired)  # ids of the gateways it trusts
         self.store = ModelStore(Path(settings.models_dir))
         self.hardware = hw  # snapshot at start: what capability is judged against
         self.pool = RunnerPool(n_ctx=settings.n_ctx, queue_size=settings.queue_size,
@@ -101,9 +105,15 @@ def create_app(agent: NodeAgent) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         if announcer is not None:
             await announcer.start()
+        following = None
+        if agent.tls is not None:
+            following = asyncio.create_task(pairing.follow(
+                Path(agent.settings.state_dir), agent.tls, agent.paired))
         try:
             yield
         finally:
+            if following is not None:
+                following.cancel()
             if announcer is not None:
                 await announcer.stop()
             await agent.pool.close()

@@ -1,12 +1,20 @@
-"""Shared fixtures: one real node agent with the real model per session, gateways on demand."""
+"""Shared fixtures: one real node agent with the real model per session, gateways on demand.
+
+Every gateway of the session has one identity (`gateway_identity`), and the session's node is
+paired with it, as `myco node allow` would; `node_tls` is what a test uses to talk to a node
+directly, as that gateway."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from myco.identity import Identity, load_or_create
+from myco.tls import client_context
+from nodeagent import pairing
 from tests.procs import Proc, myco
 
 MODEL_ID = "gemma-3-270m-q4_k_m"
@@ -32,9 +40,28 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
-def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+def gateway_identity(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    return load_or_create(tmp_path_factory.mktemp("gateway-state"), "test gateway")
+
+
+@pytest.fixture(scope="session")
+def node_tls(gateway_identity: Identity) -> ssl.SSLContext:
+    return client_context(gateway_identity)
+
+
+def paired_state(tmp_path_factory: pytest.TempPathFactory, gateway: Identity) -> Path:
+    """A node state directory that serves `gateway`."""
+    state = tmp_path_factory.mktemp("node-state")
+    pairing.add(state, gateway.id, gateway.pem(), "test gateway")
+    return state
+
+
+@pytest.fixture(scope="session")
+def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+         gateway_identity: Identity) -> Iterator[Proc]:
     proc = myco("node", "--port", "0", "--models", str(models_dir), "--name", "testnode",
-                "--n-ctx", "1024", "--state-dir", str(tmp_path_factory.mktemp("node-state")))
+                "--n-ctx", "1024", "--state-dir",
+                str(paired_state(tmp_path_factory, gateway_identity)))
     yield proc
     proc.stop()
 
@@ -43,7 +70,8 @@ PolicyFactory = Callable[..., Proc]
 
 
 @pytest.fixture(scope="session")
-def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyFactory]:
+def start_gateway(tmp_path_factory: pytest.TempPathFactory,
+                  gateway_identity: Identity) -> Iterator[PolicyFactory]:
     """start_gateway(policy_text, env=None) -> a running gateway with that policy."""
     procs: list[Proc] = []
 
@@ -52,7 +80,8 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyFa
         path = directory / "policy.toml"
         path.write_text(policy)
         proc = myco("gateway", "--policy", str(path), "--port", "0",
-                    "--audit-log", str(directory / "audit.jsonl"), env=env)
+                    "--audit-log", str(directory / "audit.jsonl"),
+                    "--state-dir", str(Path(gateway_identity.cert_path).parent), env=env)
         proc.audit_path = directory / "audit.jsonl"  # type: ignore[attr-defined]
         procs.append(proc)
         return proc

@@ -13,8 +13,6 @@ import shutil
 import subprocess
 from types import TracebackType
 
-SUBNET = "10.77.0"
-
 
 def _ip(*args: str, ns: str | None = None) -> None:
     cmd = ["ip", *(["-n", ns] if ns else []), *args]
@@ -57,10 +55,12 @@ def _remove_stale() -> None:
 class Lan:
     def __init__(self) -> None:
         self.tag = str(os.getpid())
+        # A /24 of its own per test process: two runs at once must not share a route.
+        self.subnet = f"10.{os.getpid() // 250 % 250}.{os.getpid() % 250}"
         self.switch = f"myco-sw-{self.tag}"
         self.hosts: dict[str, tuple[str, str]] = {}  # name -> (namespace, address)
         self._root_veth = f"mycor{self.tag}"
-        self.address = f"{SUBNET}.1"  # the root namespace's address on the LAN
+        self.address = f"{self.subnet}.1"  # the root namespace's address on the LAN
 
     def __enter__(self) -> Lan:
         _remove_stale()
@@ -77,7 +77,7 @@ class Lan:
     def host(self, name: str) -> str:
         """Add a host; returns its address."""
         ns, number = f"myco-{name}-{self.tag}", len(self.hosts) + 10
-        address = f"{SUBNET}.{number}"
+        address = f"{self.subnet}.{number}"
         _ip("netns", "add", ns)
         _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{number}",
             "netns", self.switch)

@@ -7,9 +7,12 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from myco.identity import Identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +39,7 @@ class Proc:
             if not line:
                 break
             self.lines.append(line)
-            found = re.search(r"listening on (http://\S+)", line)
+            found = re.search(r"listening on (https?://\S+)", line)
             if found:
                 return found.group(1)
         self.stop()
@@ -49,7 +52,7 @@ class Proc:
 
     @property
     def address(self) -> str:
-        return self.url.removeprefix("http://")
+        return self.url.split("://", 1)[1]
 
     @property
     def output(self) -> str:
@@ -78,10 +81,15 @@ def myco(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
                 timeout=timeout)
 
 
-def fake_upstream(name: str, *models: str) -> Proc:
+def fake_upstream(name: str, *models: str, node_for: Identity | None = None) -> Proc:
+    """A fake OpenAI server; with `node_for` (a gateway's identity) it serves mutual TLS to
+    that gateway, as a node agent paired with it does."""
     args = [sys.executable, "-m", "bench.fake_upstream", "--name", name]
     for model in models:
         args += ["--model", model]
+    if node_for is not None:
+        state = Path(tempfile.mkdtemp(prefix=f"myco-fake-{name}-"))
+        args += ["--tls-state", str(state), "--trust", node_for.cert_path]
     return Proc(args)
 
 

@@ -71,6 +71,7 @@ def test_up_prints_the_base_url_and_ctrl_c_stops_both(tmp_path: Path, models_dir
         [sys.executable, "-m", "myco.cli", "up", "--policy", str(policy), "--port", str(port),
          "--node-port", str(node_port)], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env={"MYCO_MODELS": str(models_dir),
+                                                  "XDG_STATE_HOME": str(tmp_path / "state"),
                                                   "PATH": "/usr/bin:/bin"})
     assert proc.stdout is not None
     lines = []
@@ -89,6 +90,6 @@ def test_up_prints_the_base_url_and_ctrl_c_stops_both(tmp_path: Path, models_dir
     proc.stdout.close()
     assert "myco: stopping" in rest
     assert "Traceback" not in rest
-    for p in (port, node_port):
+    for url in (f"http://127.0.0.1:{port}", f"https://127.0.0.1:{node_port}"):
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{p}/health", timeout=2)
+            httpx.get(f"{url}/health", timeout=2, verify=False)

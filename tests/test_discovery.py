@@ -1,23 +1,36 @@
-"""Discovery across real hosts (network namespaces on a bridge): nodes announce themselves by
-mDNS; the gateway shows them; only the policy decides what is routed to, and a node that
-announces a listed name with another certificate is shown as an identity mismatch."""
+"""Discovery and pinned identities across real hosts (network namespaces on a bridge).
+
+Nodes announce themselves by mDNS; the gateway shows them, and only the policy decides: a node
+listed by id is routed to at the address discovery found, once its certificate has that id.
+Rogue hosts -- one announcing a listed name with its own certificate, one announcing a listed
+node's id -- are shown with the reason, recorded in the audit log, and never sent a request.
+While nodes die or lose their link, requests in flight end with an error, never a hang, and
+the next ones go to a node that is up."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
+from myco.identity import Identity, load_or_create
+from myco.tls import client_context
+from nodeagent import pairing
 from tests import netns
 from tests.conftest import MODEL_ID
 from tests.procs import Proc, myco, run_myco
 
 why_not = netns.available()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Count to twenty."}]}
 
 
 @pytest.fixture
@@ -26,10 +39,11 @@ def lan() -> Iterator[netns.Lan]:
         yield lan
 
 
-def node_id(state: Path) -> str:
-    result = run_myco("node", "id", "--state-dir", str(state))
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+def node_state(tmp_path: Path, name: str, gateway: Identity) -> tuple[Path, str]:
+    """A node's state directory, paired with `gateway`, and the node's id."""
+    state = tmp_path / name
+    pairing.add(state, gateway.id, gateway.pem(), "test gateway")
+    return state, load_or_create(state, name).id
 
 
 def wait_for(check: Callable[[], Any], timeout: float) -> tuple[Any, float]:
@@ -42,86 +56,208 @@ def wait_for(check: Callable[[], Any], timeout: float) -> tuple[Any, float]:
     raise AssertionError(f"not within {timeout} s")
 
 
-def test_discovery_shows_and_the_policy_decides(lan: netns.Lan, models_dir: Path,
-                                                tmp_path: Path) -> None:
-    gw_addr, n1_addr, rogue_addr = lan.host("gw"), lan.host("n1"), lan.host("rogue")
-    stranger_addr = lan.host("stranger")
-    n1_state, rogue_state = tmp_path / "n1", tmp_path / "rogue"
-    n1_id = node_id(n1_state)
-    policy = tmp_path / "policy.toml"
-    policy.write_text(f'[nodes.n1]\naddress = "{n1_addr}:8788"\nid = "{n1_id}"\n\n'
-                      '[[routes]]\nmatch = { model = "*" }\nforward = ["n1"]\n')
-    procs: list[Proc] = []
+class Swarm:
+    """A gateway on host `gw` of `lan`, and the node processes the test starts."""
+
+    def __init__(self, lan: netns.Lan, tmp_path: Path, policy: str, models: Path) -> None:
+        self.lan, self.tmp, self.models = lan, tmp_path, models
+        self.identity = load_or_create(tmp_path / "gateway", "gateway")
+        self.tls = client_context(self.identity)
+        self.policy = tmp_path / "policy.toml"
+        self.policy.write_text(policy)
+        self.audit = tmp_path / "audit.jsonl"
+        self.procs: list[Proc] = []
+        address = lan.hosts["gw"][1]
+        self.gateway = self.start(
+            "gw", "gateway", "--policy", str(self.policy), "--host", address, "--port", "8787",
+            "--discover", address, "--audit-log", str(self.audit),
+            "--state-dir", str(tmp_path / "gateway"))
+
+    def start(self, host: str, *args: str) -> Proc:
+        proc = myco(*args, prefix=self.lan.prefix(host))
+        self.procs.append(proc)
+        return proc
+
+    def node(self, host: str, name: str, state: Path) -> Proc:
+        return self.start(host, "node", "--host", self.lan.hosts[host][1], "--port", "8788",
+                          "--name", name, "--models", str(self.models), "--n-ctx", "512",
+                          "--state-dir", str(state))
+
+    def discovered(self) -> dict[str, dict[str, Any]]:
+        """What the gateway discovered, by address."""
+        swarm = httpx.get(self.gateway.url + "/v1/swarm", timeout=2).json()
+        return {a: d for d in swarm["discovered"] for a in d["addresses"]}
+
+    def dry_run(self) -> dict[str, Any]:
+        return httpx.post(self.gateway.url + "/v1/policy/dry-run", json={"model": MODEL_ID},
+                          timeout=2).json()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+def test_discovery_shows_pins_and_the_policy_decides(lan: netns.Lan, models_dir: Path,
+                                                     tmp_path: Path) -> None:
+    lan.host("gw")
+    n1_addr, spoof_addr = lan.host("n1"), lan.host("spoof")
+    rogue_addr, stranger_addr = lan.host("rogue"), lan.host("stranger")
+    gateway = load_or_create(tmp_path / "gateway", "gateway")
+    n1_state, n1_id = node_state(tmp_path, "n1", gateway)
+    rogue_state, rogue_id = node_state(tmp_path, "rogue", gateway)
+    # n1 is listed by id alone: its address comes from discovery.
+    swarm = Swarm(lan, tmp_path, f'[nodes.n1]\nid = "{n1_id}"\n\n'
+                  '[[routes]]\nmatch = { model = "*" }\nforward = ["n1"]\n', models_dir)
     try:
-        gateway = myco("gateway", "--policy", str(policy), "--host", gw_addr, "--port", "8787",
-                       "--discover", gw_addr, "--audit-log", str(tmp_path / "audit.jsonl"),
-                       prefix=lan.prefix("gw"))
-        procs.append(gateway)
-
-        def discovered() -> dict[str, dict[str, Any]]:
-            swarm = httpx.get(gateway.url + "/v1/swarm", timeout=2).json()
-            return {d["id"]: d for d in swarm["discovered"]}
-
-        n1 = myco("node", "--host", n1_addr, "--port", "8788", "--name", "n1", "--models",
-                  str(models_dir), "--state-dir", str(n1_state), prefix=lan.prefix("n1"))
-        procs.append(n1)
-        found, took = wait_for(lambda: discovered().get(n1_id), 10)
+        first = swarm.dry_run()
+        assert first["status"] == 503, first  # listed, not discovered yet
+        n1 = swarm.node("n1", "n1", n1_state)
+        found, took = wait_for(lambda: swarm.discovered().get(n1_addr), 10)
         print(f"n1 discovered {took * 1000:.0f} ms after it listened")
         assert found["status"] == "listed" and found["listed_as"] == "n1"
         assert found["addresses"] == [n1_addr] and found["port"] == 8788
+        wait_for(lambda: swarm.dry_run()["allowed"], 5)
 
-        rogue = myco("node", "--host", rogue_addr, "--port", "8788", "--name", "n1",
-                     "--models", str(models_dir), "--state-dir", str(rogue_state),
-                     prefix=lan.prefix("rogue"))
-        procs.append(rogue)
-        rogue_id = node_id(rogue_state)
-        imposter, _ = wait_for(lambda: discovered().get(rogue_id), 10)
+        # A real node announcing the listed name with its own certificate (paired with the
+        # gateway, even), and a host announcing n1's id with its own certificate.
+        rogue = swarm.node("rogue", "n1", rogue_state)
+        spoof = Proc([*lan.prefix("spoof"), sys.executable, "-m", "tests.rogue", "--host",
+                      spoof_addr, "--name", "n1-spoof", "--claim-id", n1_id, "--state",
+                      str(tmp_path / "spoof"), "--trust", gateway.cert_path])
+        swarm.procs.append(spoof)
+        imposter, _ = wait_for(lambda: swarm.discovered().get(rogue_addr), 10)
+        assert imposter["id"] == rogue_id
         assert imposter["status"].startswith("identity mismatch")
         assert imposter["listed_as"] is None
 
-        text = run_myco("nodes", "--gateway", gateway.url).stdout
-        assert "identity mismatch" in text and rogue_id in text
-
-        stranger = myco("node", "--host", stranger_addr, "--port", "8788", "--name", "mini",
-                        "--models", str(models_dir), "--state-dir", str(tmp_path / "s"),
-                        prefix=lan.prefix("stranger"))
-        procs.append(stranger)
-        stranger_id = node_id(tmp_path / "s")
-        wait_for(lambda: discovered().get(stranger_id), 10)
-
-        # The dry-run shows both as candidates it rejected, and why.
-        dry = httpx.post(gateway.url + "/v1/policy/dry-run", json={"model": MODEL_ID}).json()
-        rejected = {c["target"]: c["reason"] for c in dry["candidates"]
+        def rejected() -> dict[str, str]:
+            return {c["target"]: c["reason"] for c in swarm.dry_run()["candidates"]
                     if c["kind"] == "discovered"}
-        assert rejected[f"n1 ({rogue_id})"].startswith("identity mismatch")
-        assert rejected[f"mini ({stranger_id})"] == "not in policy"
+
+        spoofed, _ = wait_for(lambda: rejected().get(f"n1-spoof ({n1_id})"), 10)
+        assert spoofed.startswith("identity mismatch: announces the id of 'n1'")
+
+        swarm.node("stranger", "mini", tmp_path / "s")
+        stranger_id = load_or_create(tmp_path / "s", "mini").id
+        wait_for(lambda: swarm.discovered().get(stranger_addr), 10)
+        text = run_myco("nodes", "--gateway", swarm.gateway.url).stdout
+        assert "identity mismatch" in text and rogue_id in text and stranger_id in text
+
+        # The dry-run shows all three as candidates it rejected, and why.
+        dry = swarm.dry_run()
+        reasons = rejected()
+        assert reasons[f"n1 ({rogue_id})"].startswith("identity mismatch")
+        assert reasons[f"mini ({stranger_id})"] == "not in policy"
         assert dry["target"] == "n1"
-        audit = (tmp_path / "audit.jsonl").read_text()
-        assert rogue_id in audit and stranger_id in audit and '"endpoint":"discovery"' in audit
+        audit = swarm.audit.read_text()
+        assert rogue_id in audit and stranger_id in audit and "n1-spoof" in audit
 
         # Pairing: `myco policy allow` appends the node, leaving the file as it was above it.
-        before = policy.read_text()
-        allowed = run_myco("policy", "allow", "mini", "--policy", str(policy), "--gateway",
-                           gateway.url)
+        before = swarm.policy.read_text()
+        allowed = run_myco("policy", "allow", "mini", "--policy", str(swarm.policy),
+                           "--gateway", swarm.gateway.url)
         assert allowed.returncode == 0, allowed.stderr
-        after = policy.read_text()
+        after = swarm.policy.read_text()
         assert after.startswith(before.rstrip("\n")) and f'id = "{stranger_id}"' in after
-        assert run_myco("policy", "check", str(policy)).returncode == 0
-        again = run_myco("policy", "allow", n1_id, "--policy", str(policy), "--gateway",
-                         gateway.url)
-        assert "already in the policy" in again.stdout and policy.read_text() == after
+        assert run_myco("policy", "check", str(swarm.policy)).returncode == 0
+        again = run_myco("policy", "allow", n1_id, "--policy", str(swarm.policy),
+                         "--gateway", swarm.gateway.url)
+        assert "already in the policy" in again.stdout, (again.stderr, swarm.discovered())
+        assert swarm.policy.read_text() == after
 
-        # Routing follows the policy only: the request loads the model on n1, not the rogue.
-        response = httpx.post(gateway.url + "/v1/chat/completions", timeout=120, json={
-            "model": MODEL_ID, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-        assert response.status_code == 200 and response.headers["x-myco-node"] == "n1"
-        assert httpx.get(n1.url + "/node/info").json()["loaded"] == [MODEL_ID]
-        assert httpx.get(rogue.url + "/node/info").json()["loaded"] == []
+        # Routing follows the policy and the certificates only.
+        for _ in range(3):
+            response = httpx.post(swarm.gateway.url + "/v1/chat/completions", timeout=120,
+                                  json={**CHAT, "max_tokens": 2})
+            assert response.status_code == 200 and response.headers["x-myco-node"] == "n1"
+        info = httpx.get(n1.url + "/node/info", verify=swarm.tls).json()
+        assert info["loaded"] == [MODEL_ID]
+        assert httpx.get(rogue.url + "/node/info", verify=swarm.tls).json()["loaded"] == []
+        assert "rogue: request" not in spoof.output, spoof.output
 
         # A clean stop says goodbye: gone at once, not after a TTL.
         assert n1.stop() == 0, n1.output
-        _, gone = wait_for(lambda: n1_id not in discovered(), 5)
+        _, gone = wait_for(lambda: n1_addr not in swarm.discovered(), 5)
         print(f"n1 gone {gone * 1000:.0f} ms after it stopped")
+        assert not swarm.dry_run()["allowed"]
     finally:
-        for proc in procs:
-            proc.stop()
+        swarm.close()
+    assert "rogue: request" not in spoof.output, spoof.output
+
+
+def test_an_unpaired_gateway_is_refused_by_the_node(lan: netns.Lan, models_dir: Path,
+                                                    tmp_path: Path) -> None:
+    lan.host("gw")
+    lan.host("n1")
+    other = load_or_create(tmp_path / "other-gateway", "another gateway")
+    n1_state, n1_id = node_state(tmp_path, "n1", other)  # paired with another gateway only
+    swarm = Swarm(lan, tmp_path, f'[nodes.n1]\nid = "{n1_id}"\n\n'
+                  '[[routes]]\nmatch = { model = "*" }\nforward = ["n1"]\n', models_dir)
+    try:
+        swarm.node("n1", "n1", n1_state)
+
+        def refused() -> str:
+            nodes = httpx.get(swarm.gateway.url + "/v1/swarm", timeout=2).json()["nodes"]
+            return str(nodes[0]["reason"]) if "refused" in nodes[0]["reason"] else ""
+
+        reason, _ = wait_for(refused, 10)
+        assert "myco node allow" in reason
+        # Pairing on the node takes effect while it runs.
+        pairing.add(n1_state, swarm.identity.id, swarm.identity.pem(), "now")
+        wait_for(lambda: swarm.dry_run()["allowed"], 10)
+    finally:
+        swarm.close()
+
+
+def test_requests_in_flight_to_a_dying_node_end_and_the_swarm_goes_on(
+        lan: netns.Lan, models_dir: Path, tmp_path: Path) -> None:
+    lan.host("gw")
+    lan.host("n1")
+    lan.host("n2")
+    gateway = load_or_create(tmp_path / "gateway", "gateway")
+    (s1, id1), (s2, id2) = node_state(tmp_path, "n1", gateway), node_state(tmp_path, "n2",
+                                                                          gateway)
+    swarm = Swarm(lan, tmp_path, f'[nodes.n1]\nid = "{id1}"\n[nodes.n2]\nid = "{id2}"\n\n'
+                  '[[routes]]\nmatch = { model = "*" }\nforward = ["n1", "n2"]\n', models_dir)
+    client = openai.OpenAI(base_url=swarm.gateway.url + "/v1", api_key="x", max_retries=0,
+                           timeout=60)
+
+    def ask() -> str:
+        raw = client.chat.completions.with_raw_response.create(**CHAT, max_tokens=2)
+        return str(raw.headers["x-myco-node"])
+
+    def stream_then(cut: Callable[[], None]) -> float:
+        """Start a long stream, `cut` after the first chunks; seconds until it ended."""
+        stream = client.chat.completions.create(**CHAT, max_tokens=400, stream=True)
+        cut_at = time.monotonic()
+        with pytest.raises(openai.APIError, match=r"failed mid-stream|unhealthy"):
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    cut_at = time.monotonic()
+                    cut()
+        return time.monotonic() - cut_at
+
+    try:
+        n1 = swarm.node("n1", "n1", s1)
+        swarm.node("n2", "n2", s2)
+        wait_for(lambda: swarm.dry_run()["candidates"][1]["eligible"], 15)
+        assert ask() == "n1"
+
+        # The node process dies (its runner with it): the stream ends at once, with an error.
+        took = stream_then(lambda: os.killpg(n1.popen.pid, signal.SIGKILL))
+        print(f"kill -9: the stream ended {took * 1000:.0f} ms later")
+        assert ask() == "n2"
+
+        # It comes back: discovered, checked, routed to again.
+        n1 = swarm.node("n1", "n1", s1)
+        wait_for(lambda: swarm.dry_run()["target"] == "n1", 15)
+        assert ask() == "n1"
+
+        # Its link goes down: no reset ever arrives, the health check ends the stream.
+        took = stream_then(lambda: lan.link("n1", up=False))
+        print(f"link down: the stream ended {took * 1000:.0f} ms later")
+        assert took < 5
+        assert ask() == "n2"
+    finally:
+        client.close()
+        swarm.close()

@@ -27,8 +27,10 @@ main()
 from gateway.app import create_app
 from gateway.policy import load
 from gateway.settings import GatewaySettings
+from myco.identity import load_or_create
+from pathlib import Path
 settings = GatewaySettings("{ROOT / 'policies/default.toml'}", audit_path="{tmp_path / 'a.jsonl'}")
-create_app(settings, load(settings.policy_path))
+create_app(settings, load(settings.policy_path), load_or_create(Path("{tmp_path}"), "gw"))
 print("gateway built")
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,

@@ -6,14 +6,16 @@ from gateway.discovery import Discovered, judge
 from gateway.policy import parse
 from myco.identity import id_of
 
-LISTED, OTHER = id_of(b"listed certificate"), id_of(b"another certificate")
+LISTED, LAB, OTHER = (id_of(b"listed certificate"), id_of(b"lab certificate"),
+                      id_of(b"another certificate"))
 POLICY = parse(f'[nodes.ws]\naddress = "10.0.0.2:8788"\nid = "{LISTED}"\n'
-               '[nodes.mini]\naddress = "10.0.0.3:8788"\n'
+               f'[nodes.lab]\nid = "{LAB}"\n'
+               '[nodes.mini]\naddress = "127.0.0.1:8788"\n'
                '[[routes]]\nforward = ["ws"]\n')
 
 
-def found(name: str, node_id: str) -> Discovered:
-    return Discovered(name, node_id, ("10.0.0.9",), 8788, {}, 0.0)
+def found(name: str, node_id: str, address: str = "10.0.0.2") -> Discovered:
+    return Discovered(f"{name}._myco._tcp.local.", name, node_id, (address,), 8788, {}, 0.0)
 
 
 def test_judge() -> None:
@@ -23,3 +25,8 @@ def test_judge() -> None:
         (None, f"identity mismatch: 'ws' is pinned to {LISTED}")
     assert judge(found("mini", OTHER), POLICY) == (None, "not in policy")  # no id pinned
     assert judge(found("stranger", OTHER), POLICY) == (None, "not in policy")
+    # An announcement only claims an id: one from another address than the policy's is not
+    # the node; for a node listed by id alone, the certificate is checked on connecting.
+    assert judge(found("ws", LISTED, "10.0.0.9"), POLICY) == (None, (
+        "identity mismatch: claims the id of 'ws', which the policy places at 10.0.0.2:8788"))
+    assert judge(found("anything", LAB, "10.0.0.9"), POLICY) == ("lab", "listed")

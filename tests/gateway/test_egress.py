@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.egress import Egress, EgressDenied, EgressGuard
+from gateway.egress import Egress, EgressDenied
+from gateway.upstream import Endpoint, UpstreamPool
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
 from tests.rawserver import RawServer
@@ -33,6 +34,11 @@ def listed() -> Iterator[Proc]:
     proc.stop()
 
 
+def pool_for(egress: Egress) -> UpstreamPool:
+    """The gateway's one way out (forwarding and health checks), as the gateway builds it."""
+    return UpstreamPool(egress, connect_timeout=5, read_timeout=5)
+
+
 SPELLINGS = ["127.0.0.1", "localhost", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "127.1",
              "[::ffff:127.0.0.1]", "[::ffff:7f00:1]"]
 
@@ -43,17 +49,15 @@ def test_unlisted_port_is_refused_before_connecting(canary: RawServer, listed: P
     listed_port = int(listed.address.split(":")[1])
 
     async def go() -> None:
-        guard = EgressGuard(httpx.AsyncHTTPTransport(), Egress([("127.0.0.1", listed_port)]))
-        async with httpx.AsyncClient(transport=guard) as client:
-            try:
-                url = httpx.URL(f"http://{host}:{canary.port}/v1/models")
-            except httpx.InvalidURL:
-                return  # httpx itself refuses this spelling: no socket either
+        pool = pool_for(Egress([("127.0.0.1", listed_port)]))
+        try:
             with pytest.raises(EgressDenied, match="not listed in the policy"):
-                await client.get(url)
+                await pool.get(Endpoint("http", host, canary.port, ""), "/v1/models", 5)
             # The same spelling of the listed endpoint goes through.
-            ok = await client.get(f"http://{host}:{listed_port}/v1/models")
-            assert ok.status_code == 200
+            ok, _ = await pool.get(Endpoint("http", host, listed_port, ""), "/v1/models", 5)
+            assert ok == 200
+        finally:
+            await pool.aclose()
 
     asyncio.run(go())
     assert canary.accepted == 0
@@ -61,10 +65,10 @@ def test_unlisted_port_is_refused_before_connecting(canary: RawServer, listed: P
 
 def test_listed_host_on_another_port_is_refused(canary: RawServer) -> None:
     async def go() -> None:
-        guard = EgressGuard(httpx.AsyncHTTPTransport(), Egress([("127.0.0.1", canary.port + 1)]))
-        async with httpx.AsyncClient(transport=guard) as client:
-            with pytest.raises(EgressDenied):
-                await client.get(f"http://127.0.0.1:{canary.port}/")
+        pool = pool_for(Egress([("127.0.0.1", canary.port + 1)]))
+        with pytest.raises(EgressDenied):
+            await pool.get(Endpoint("http", "127.0.0.1", canary.port, ""), "/", 5)
+        await pool.aclose()
 
     asyncio.run(go())
     assert canary.accepted == 0

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from myco.identity import Identity
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
 from tests.rawserver import RawServer
@@ -22,8 +23,9 @@ def hangup_port() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def gw(start_gateway: PolicyFactory, hangup_port: int) -> Iterator[Proc]:
-    fake = fake_upstream("good", "m1")
+def gw(start_gateway: PolicyFactory, hangup_port: int,
+       gateway_identity: Identity) -> Iterator[Proc]:
+    fake = fake_upstream("good", "m1", node_for=gateway_identity)
     proc = start_gateway(f"""
 [nodes.good]
 address = "{fake.address}"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy import PolicyError, load, parse
+from myco.identity import id_of
 from tests.procs import ROOT, run_myco
 
 GOOD = """\
@@ -55,7 +56,13 @@ def test_good_policy_parses_in_order() -> None:
      "upstreams.lan: unknown key `colour`"),
     (GOOD.replace('url = "http://127.0.0.1:9002/v1"', 'url = "ftp://x/v1"'), 5,
      "upstreams.lan.url: 'ftp://x/v1' must be an http(s) URL"),
-    ('[nodes.a]\naddress = "h:1"\n', None, "no [[routes]]"),
+    ('[nodes.a]\naddress = "127.0.0.1:1"\n', None, "no [[routes]]"),
+    (GOOD.replace('address = "127.0.0.1:9001"', 'address = "10.0.0.2:9001"'), 2,
+     "nodes.ws: `id` is required for a node off this machine"),
+    (GOOD.replace('address = "127.0.0.1:9001"', 'colour = "red"'), 2,
+     "nodes.ws: unknown key `colour`"),
+    (GOOD.replace('address = "127.0.0.1:9001"', ''), 1,
+     "nodes.ws: give `id` (what `myco node id` prints on that machine), `address`, or both"),
     (GOOD.replace('address = "127.0.0.1:9001"', 'address = "127.0.0.1:9001"\nid = "ABC-DEF"'),
      3, "nodes.ws.id: 'ABC-DEF' is not a mycoSwarm id"),
 ])
@@ -65,6 +72,13 @@ def test_mistakes_name_file_line_and_reason(text: str, line: int | None, reason:
     assert caught.value.file == "p.toml"
     assert caught.value.line == line, str(caught.value)
     assert reason in caught.value.reason
+
+
+def test_a_node_may_be_listed_by_id_alone() -> None:
+    node_id = id_of(b"a certificate")
+    policy = parse(GOOD.replace('address = "127.0.0.1:9001"', f'id = "{node_id}"'), "p.toml")
+    assert (policy.nodes["ws"].address, policy.nodes["ws"].id) == (None, node_id)
+    assert policy.endpoints() == [("127.0.0.1", 9002)]  # the node's comes from discovery
 
 
 def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:

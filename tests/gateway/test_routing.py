@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from myco.identity import Identity
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
 
@@ -20,8 +21,9 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
 
 
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[dict[str, Proc]]:
-    procs = {"a": fake_upstream("a", "m1", "m2"), "b": fake_upstream("b", "m2", "m3"),
+def fakes(gateway_identity: Identity) -> Iterator[dict[str, Proc]]:
+    procs = {"a": fake_upstream("a", "m1", "m2", node_for=gateway_identity),
+             "b": fake_upstream("b", "m2", "m3", node_for=gateway_identity),
              "up": fake_upstream("up", "up-model")}
     yield procs
     for proc in procs.values():

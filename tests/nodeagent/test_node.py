@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,15 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID
+from myco.identity import Identity
+from tests.conftest import MODEL_ID, paired_state
 from tests.procs import Proc, myco
 
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Count to ten."}]}
 
 
-def test_node_info(node: Proc) -> None:
-    httpx.post(node.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=120)
-    info = httpx.get(node.url + "/node/info").json()
+def test_node_info(node: Proc, node_tls: ssl.SSLContext) -> None:
+    httpx.post(node.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=120,
+               verify=node_tls)
+    info = httpx.get(node.url + "/node/info", verify=node_tls).json()
     assert info["name"] == "testnode"
     assert info["hardware"]["cpu_cores"] >= 1
     assert info["hardware"]["ram_total"] > 0
@@ -32,23 +35,28 @@ def test_node_info(node: Proc) -> None:
     assert info["runners"][0]["pid"] > 0
 
 
-def test_unknown_model_at_the_node_is_404(node: Proc) -> None:
-    response = httpx.post(node.url + "/v1/chat/completions", json={**CHAT, "model": "nope"})
+def test_unknown_model_at_the_node_is_404(node: Proc, node_tls: ssl.SSLContext) -> None:
+    response = httpx.post(node.url + "/v1/chat/completions", json={**CHAT, "model": "nope"},
+                          verify=node_tls)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
 
 
 @pytest.fixture
-def small_queue_node(models_dir: Path) -> Iterator[Proc]:
+def small_queue_node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                     gateway_identity: Identity) -> Iterator[Proc]:
     proc = myco("node", "--port", "0", "--models", str(models_dir), "--name", "q1",
-                "--queue-size", "1", "--n-ctx", "512")
+                "--queue-size", "1", "--n-ctx", "512", "--state-dir",
+                str(paired_state(tmp_path_factory, gateway_identity)))
     yield proc
     proc.stop()
 
 
-def test_full_queue_is_429_with_retry_after(small_queue_node: Proc) -> None:
+def test_full_queue_is_429_with_retry_after(small_queue_node: Proc,
+                                            node_tls: ssl.SSLContext) -> None:
     async def go() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=small_queue_node.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=small_queue_node.url, timeout=120,
+                                     verify=node_tls) as client:
             first = asyncio.create_task(client.post("/v1/chat/completions",
                                                     json={**CHAT, "max_tokens": 24}))
             await asyncio.sleep(0.3)  # the first is loading the model or generating
@@ -62,17 +70,17 @@ def test_full_queue_is_429_with_retry_after(small_queue_node: Proc) -> None:
     assert second.json()["error"]["type"] == "rate_limit_error"
     # Once the queue drains, the node serves again.
     again = httpx.post(small_queue_node.url + "/v1/chat/completions",
-                       json={**CHAT, "max_tokens": 2}, timeout=60)
+                       json={**CHAT, "max_tokens": 2}, timeout=60, verify=node_tls)
     assert again.status_code == 200
 
 
 def test_runner_crash_fails_in_flight_requests_and_the_next_one_works(
-        small_queue_node: Proc) -> None:
+        small_queue_node: Proc, node_tls: ssl.SSLContext) -> None:
     url = small_queue_node.url
     assert httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2},
-                      timeout=120).status_code == 200
-    pid = httpx.get(url + "/node/info").json()["runners"][0]["pid"]
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      timeout=120, verify=node_tls).status_code == 200
+    pid = httpx.get(url + "/node/info", verify=node_tls).json()["runners"][0]["pid"]
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, verify=node_tls,
                       json={**CHAT, "max_tokens": 400, "stream": True}) as response:
         assert response.status_code == 200
         body = b""
@@ -85,8 +93,8 @@ def test_runner_crash_fails_in_flight_requests_and_the_next_one_works(
     assert b"[DONE]" not in body
     started = time.monotonic()
     after = httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2},
-                       timeout=120)
+                       timeout=120, verify=node_tls)
     assert after.status_code == 200, after.text
-    assert httpx.get(url + "/node/info").json()["runners"][0]["pid"] != pid
+    assert httpx.get(url + "/node/info", verify=node_tls).json()["runners"][0]["pid"] != pid
     assert small_queue_node.popen.poll() is None  # the node agent survived
     print(f"runner restarted and answered in {time.monotonic() - started:.2f} s")

@@ -1,0 +1,113 @@
+"""The gateways a node agent serves: `gateways.toml` in its state directory.
+
+A node answers only gateways it was paired with.  Pairing stores the gateway's certificate,
+because the node's TLS server can only trust a self-signed certificate it holds (see
+myco/tls.py); the table key is the gateway's id, which is checked against the certificate on
+every load, so an edited file cannot smuggle another key in:
+
+    # Gateways this node serves.  `myco node allow GATEWAY_ID` adds one.
+    ["AAAAAAA-...-AAAAAAA"]
+    name = "gateway on pi"
+    certificate = '''
+    -----BEGIN CERTIFICATE-----
+    ...'''
+
+A malformed file, or a certificate whose fingerprint is not its id, raises `PairingError`
+naming the file and the reason; start-up stops on it.  While the node runs, `follow` trusts
+gateways paired since (a removal takes effect at the next start: OpenSSL's trust store only
+grows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import tomllib
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from myco.identity import id_of, parse_id
+
+log = logging.getLogger("myco.node.pairing")
+FILE = "gateways.toml"
+_HEADER = "# Gateways this node serves.  `myco node allow GATEWAY_ID` adds one.\n"
+
+
+class PairingError(Exception):
+    pass
+
+
+def certificate_id(pem: str) -> str:
+    """The id of a PEM certificate; ValueError if it is not one."""
+    return id_of(x509.load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER))
+
+
+def load(state_dir: Path) -> dict[str, str]:
+    """Paired gateway id -> certificate PEM ({} when nothing is paired yet)."""
+    path = state_dir / FILE
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PairingError(f"{path}: {exc}") from None
+    paired: dict[str, str] = {}
+    for key, entry in doc.items():
+        pem = entry.get("certificate") if isinstance(entry, dict) else None
+        if not isinstance(pem, str):
+            raise PairingError(f"{path}: [{key!r}] needs certificate = '''PEM'''")
+        try:
+            expected, found = parse_id(key), certificate_id(pem)
+        except ValueError as exc:
+            raise PairingError(f"{path}: [{key!r}]: {exc}") from None
+        if found != expected:
+            raise PairingError(f"{path}: [{key!r}]: the certificate's id is {found}")
+        paired[expected] = pem
+    return paired
+
+
+def add(state_dir: Path, gateway_id: str, pem: str, name: str = "") -> bool:
+    """Pair a gateway (False if it already was); ValueError if `pem` is not `gateway_id`'s.
+    The file's other lines are kept as they were."""
+    expected = parse_id(gateway_id)
+    found = certificate_id(pem)
+    if found != expected:
+        raise ValueError(f"the certificate offered is {found}, not {expected}")
+    if expected in load(state_dir):
+        return False
+    path = state_dir / FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    text = path.read_text(encoding="utf-8") if path.exists() else _HEADER
+    label = name.replace("\\", "").replace('"', "")
+    entry = f'\n["{expected}"]\nname = "{label}"\ncertificate = \'\'\'\n{pem.strip()}\n\'\'\'\n'
+    path.write_text(text.rstrip("\n") + "\n" + entry, encoding="utf-8")
+    return True
+
+
+async def follow(state_dir: Path, context: ssl.SSLContext, known: set[str], *,
+                 interval: float = 1.0) -> None:
+    """Every `interval` seconds: trust gateways paired since `known` was read (runs until
+    cancelled; a bad file is logged and the node keeps what it trusts)."""
+    path, seen = state_dir / FILE, None
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            continue
+        if stamp == seen:
+            continue
+        seen = stamp
+        try:
+            paired = load(state_dir)
+        except PairingError as exc:
+            log.warning("not reloaded: %s", exc)
+            continue
+        for gateway_id, pem in paired.items():
+            if gateway_id not in known:
+                context.load_verify_locations(cadata=pem)
+                known.add(gateway_id)
+                log.info("now serving gateway %s", gateway_id)
