@@ -59,10 +59,15 @@ ROLE_RULES: tuple[_RoleRule, ...] = (
 )
 
 
+def kv_cache_bytes_per_layer(meta: ModelMeta, n_ctx: int) -> int:
+    """f16 K and V for one layer at the context the node will use."""
+    ctx = min(n_ctx, meta.context_length) if meta.context_length else n_ctx
+    return ctx * meta.n_head_kv * (meta.key_length + meta.value_length) * 2
+
+
 def kv_cache_bytes(meta: ModelMeta, n_ctx: int) -> int:
     """f16 K and V for every layer at the context the node will use."""
-    ctx = min(n_ctx, meta.context_length) if meta.context_length else n_ctx
-    return meta.n_layers * ctx * meta.n_head_kv * (meta.key_length + meta.value_length) * 2
+    return meta.n_layers * kv_cache_bytes_per_layer(meta, n_ctx)
 
 
 def usable_gpu(hw: Hardware) -> tuple[int, str]:

@@ -2,10 +2,21 @@
 
 `python -m nodeagent.runner --model PATH --socket PATH` loads the model (printing progress),
 then serves OpenAI-shaped chat, completion and embedding requests on a Unix socket that only
-the node agent uses.  Because the model lives here, a crash or an unload frees its memory and
-the node agent survives.  llama.cpp is not thread-safe: every call into it runs on the one
-worker thread of `Model`, off the event loop.  Server-sent events are produced with
-sse-starlette, the runner being a plain Starlette app.
+the node agent uses, and the load record (which device holds which layers) at GET /load.
+Because the model lives here, a crash or an unload frees its memory and the node agent
+survives.  llama.cpp is not thread-safe: every call into it runs on the one worker thread of
+`Model`, off the event loop.  Server-sent events are produced with sse-starlette, the runner
+being a plain Starlette app.
+
+Split inference: `--rpc HOST:PORT` (repeatable, in device order RPC0, RPC1, ...) with
+`--tensor-split` (one share per offloaded device, RPC devices first) and `--n-gpu-layers`
+(see nodeagent/split.py for how llama.cpp maps them to layers).  The runner probes every worker
+(exit 1 if one does not answer or speaks another protocol version), registers them, loads
+with split mode LAYER, then checks llama.cpp's own load log against the split and exits 1 if
+any device holds other layers than planned: never a silent local fallback.  One progress line
+per step goes to stderr, then the record as one line `runner-load-record {json}`.  A worker
+that dies later aborts this process (SIGABRT: returncode -6); the node agent's pool starts a new
+runner on the next request.
 """
 
 from __future__ import annotations
@@ -13,12 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import struct
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,7 +42,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from myco.errors import MycoError
-from nodeagent import generate, wire
+from nodeagent import generate, loadrecord, rpc, split, wire
+from nodeagent.gguf import GGUFError, read_metadata
+from nodeagent.store import meta_from_gguf
 
 _DONE = object()
 
@@ -37,18 +52,23 @@ _DONE = object()
 class Model:
     """One GGUF model: a generation context, and an embedding context made on first use."""
 
-    def __init__(self, path: str, *, n_ctx: int, threads: int | None) -> None:
+    def __init__(self, path: str, *, n_ctx: int, threads: int | None, n_gpu_layers: int = -1,
+                 tensor_split: tuple[float, ...] = ()) -> None:
         self.path, self.n_ctx, self.threads = path, n_ctx, threads
+        self.n_gpu_layers, self.tensor_split = n_gpu_layers, tensor_split
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._llm: Any = None
         self._embedder: Any = None
 
     def _open(self, **extra: Any) -> Any:
-        from llama_cpp import Llama  # the node's extra; never imported by the gateway
+        import llama_cpp  # the node's extra; never imported by the gateway
 
-        return Llama(model_path=self.path, n_ctx=self.n_ctx, n_gpu_layers=-1,
-                     n_threads=self.threads, verbose=False,
-                     **extra)
+        # The embedder, made on first use, gets the same split (and the same workers).
+        return llama_cpp.Llama(model_path=self.path, n_ctx=self.n_ctx,
+                               n_gpu_layers=self.n_gpu_layers,
+                               split_mode=llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+                               tensor_split=list(self.tensor_split) or None,
+                               n_threads=self.threads, verbose=False, **extra)
 
     def load(self) -> None:
         self._llm = self._open()
@@ -118,7 +138,8 @@ def _error(exc: MycoError) -> Response:
                     headers=exc.headers())
 
 
-def create_app(model: Model, model_id: str) -> Starlette:
+def create_app(model: Model, model_id: str,
+               record: loadrecord.LoadRecord | None = None) -> Starlette:
     encode = msgspec.json.encode
 
     async def answer(result: Any, stream: bool) -> Response:
@@ -175,11 +196,15 @@ def create_app(model: Model, model_id: str) -> Starlette:
     async def health(_: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
+    async def load(_: Request) -> Response:
+        return Response(encode(record), media_type="application/json")
+
     return Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/load", load, methods=["GET"]),
     ])
 
 
@@ -189,6 +214,46 @@ def _with_id(result: dict[str, Any], model_id: str) -> dict[str, Any]:
     return result
 
 
+def _shares(text: str) -> tuple[float, ...]:
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+    if any(x < 0 for x in shares) or not any(shares):
+        raise argparse.ArgumentTypeError(f"shares must be >= 0, not all 0: {text!r}")
+    return shares
+
+
+def _endpoint(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return text
+
+
+def _connect_workers(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """Check the split, probe then register every worker; RpcError naming what is wrong."""
+    meta = meta_from_gguf("", Path(args.model), read_metadata(args.model), 0)
+    devices = max(len(args.rpc), len(args.tensor_split))
+    shares = split.layer_shares(meta.n_layers, args.n_gpu_layers, args.tensor_split, devices)
+    idle = [e for e, n in zip(args.rpc, shares[1:], strict=False) if not n]
+    if idle:
+        raise rpc.RpcError(f"the split gives no layers to rpc worker(s) {', '.join(idle)}")
+    ours = rpc.protocol_version()
+    if ours is None:
+        raise rpc.RpcError("--rpc needs a llama-cpp-python built with -DGGML_RPC=on")
+    for endpoint in args.rpc:
+        host, _, port = endpoint.rpartition(":")
+        theirs = rpc.probe(host, int(port), args.probe_timeout)
+        if theirs != ours:
+            raise rpc.RpcError(f"rpc worker {endpoint} speaks protocol "
+                               f"{rpc.version_text(theirs)}, this runner "
+                               f"{rpc.version_text(ours)}; use the same llama.cpp build")
+        say(f"rpc worker {endpoint} answers (protocol {rpc.version_text(theirs)})")
+    names = rpc.add_servers(args.rpc)
+    say("registered " + ", ".join(f"{n} = {e}" for n, e in zip(names, args.rpc, strict=False)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nodeagent.runner")
     parser.add_argument("--model", required=True)
@@ -196,17 +261,54 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--rpc", action="append", default=[], type=_endpoint,
+                        metavar="HOST:PORT", help="an rpc worker; repeat, in device order")
+    parser.add_argument("--tensor-split", type=_shares, default=(),
+                        help="one share per offloaded device: RPC devices, then local GPUs")
+    parser.add_argument("--n-gpu-layers", type=int, default=-1,
+                        help="units offloaded, counted from the output layer; -1: all")
+    parser.add_argument("--probe-timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
+    if args.rpc and not args.tensor_split:
+        parser.error("--rpc needs --tensor-split: the planned layers per device")
 
     import uvicorn
 
-    model = Model(args.model, n_ctx=args.n_ctx, threads=args.threads)
-    print(f"runner[{args.id}]: loading {args.model} ...", file=sys.stderr, flush=True)
+    def say(text: str) -> None:
+        print(f"runner[{args.id}]: {text}", file=sys.stderr, flush=True)
+
+    if args.rpc:
+        # A worker that dies aborts this process; ggml would attach gdb for a backtrace of
+        # that (a second, 80 lines in the node log): the abort message says enough.
+        os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+        try:
+            _connect_workers(args, say)
+        except (rpc.RpcError, GGUFError, OSError) as exc:
+            sys.exit(f"runner[{args.id}]: {exc}")
+    log = loadrecord.LogCapture()
+    log.install()
+    model = Model(args.model, n_ctx=args.n_ctx, threads=args.threads,
+                  n_gpu_layers=args.n_gpu_layers, tensor_split=args.tensor_split)
+    say(f"loading {args.model} (n_gpu_layers {args.n_gpu_layers}, tensor_split "
+        f"{list(args.tensor_split)}) ...")
     started = time.perf_counter()
     model.load()
-    print(f"runner[{args.id}]: loaded in {time.perf_counter() - started:.1f} s",
-          file=sys.stderr, flush=True)
-    uvicorn.run(create_app(model, args.id), uds=args.socket, log_level="warning",
+    seconds = time.perf_counter() - started
+    log.recording = False
+    say(f"loaded in {seconds:.1f} s")
+    record = loadrecord.parse(log.text, n_gpu_layers=args.n_gpu_layers,
+                              tensor_split=args.tensor_split, load_seconds=round(seconds, 3))
+    say("placed: " + "; ".join(f"{d.name} {loadrecord.span(d.layers, record.n_layers)}"
+                               for d in record.devices))
+    print(f"runner-load-record {msgspec.json.encode(record).decode()}", file=sys.stderr,
+          flush=True)
+    if args.rpc:
+        problems = loadrecord.check(record, args.rpc)
+        if problems:
+            sys.exit(f"runner[{args.id}]: the load differs from the split asked for: "
+                     + "; ".join(problems))
+        say("split verified: every device holds the layers planned")
+    uvicorn.run(create_app(model, args.id, record), uds=args.socket, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=2)
 
 
