@@ -23,17 +23,31 @@ from litestar import Litestar, Request, Response, get, post
 from gateway.audit import AuditEntry, AuditLog
 from gateway.discovery import Discovered, Discovery, judge
 from gateway.egress import Egress, EgressDenied
+from gateway.placement import Plan
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
 from gateway.swarm import SwarmWatcher, Unreachable
 from gateway.upstream import Endpoint, UpstreamPool, WrongPeer
 from gateway.wire import DryRunFields, RoutingFields, decode
-from myco.errors import Denied, ModelNotFound, MycoError, TargetFailed, Unauthorized, Unavailable
+from myco.errors import (
+    Denied,
+    ModelNotFound,
+    MycoError,
+    TargetFailed,
+    Unauthorized,
+    Unavailable,
+    error_message,
+)
 from myco.handlers import exception_handlers
 from myco.identity import Identity
 from myco.proxy import relay
-from myco.tls import client_context
+from myco.tls import certificate_id, client_context
+
+
+class _Lease(msgspec.Struct):
+    tunnel_port: int
+
 
 _REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
 _PATHS: dict[EndpointKind, str] = {"chat": "/chat/completions", "completions": "/completions",
@@ -96,7 +110,7 @@ class Gateway:
         return await self._info_at(endpoint)
 
     async def _info_at(self, endpoint: Endpoint) -> bytes:
-        status, body = await self.pool.get(endpoint, "/node/info", self.settings.health_timeout)
+        status, body = await self.pool.call(endpoint, "/node/info", self.settings.health_timeout)
         if status != 200:
             raise ValueError(f"/node/info answered {status}")
         return body
@@ -223,14 +237,16 @@ class Gateway:
             if not decision.allowed:
                 raise _REFUSALS[decision.status](decision.message)
             failures: list[str] = []
+            split = await self._lease(decision.plan, fields.model) if decision.plan else {}
             for target in decision.eligible:
                 where = self.endpoint(target)
                 if where is None:
                     failures.append(f"{target}: no address known")
                     continue
                 try:
-                    upstream = await self.pool.send(where, _PATHS[endpoint],
-                                                    self.headers_for(target, request), raw)
+                    upstream = await self.pool.send(
+                        where, _PATHS[endpoint], {**self.headers_for(target, request), **split},
+                        raw)
                 except EgressDenied as exc:
                     raise TargetFailed(str(exc)) from None
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -259,6 +275,45 @@ class Gateway:
             self._record(started, request_id, endpoint, fields, client, decision, target,
                          exc.status, exc.message, raw)
             raise
+
+    async def _lease(self, plan: Plan, model: str) -> dict[str, str]:
+        """Ask each worker device of `plan` to lend itself to the head; the header that tells
+        the head its split ({} when the plan needs no worker)."""
+        devices = [d for d in plan.devices if d.role == "worker"]
+        if not devices:
+            return {}
+        head_info = self.watcher.infos.get(plan.head)
+        head_pem = head_info.certificate if head_info else ""
+        head_id = self.node_id(plan.head)
+        if not head_pem or head_id is None or certificate_id(head_pem) != head_id:
+            raise Unavailable(f"head {plan.head} has not shown a certificate with its id yet")
+        workers = []
+        for device in devices:
+            where, worker_id = self.endpoint(device.node), self.node_id(device.node)
+            if where is None or worker_id is None:
+                raise Unavailable(f"worker {device.node} has no known address or id")
+            body = msgspec.json.encode({"model": model, "head_id": head_id,
+                                        "head_certificate": head_pem, "device": device.device})
+            try:
+                status, answer = await self.pool.call(where, "/node/rpc/lease",
+                                                      self.settings.lease_timeout, body)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                raise TargetFailed(f"worker {device.node} cannot lend {device.device}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+            if status != 200:
+                raise Unavailable(f"worker {device.node} refused to lend {device.device}: "
+                                  f"{error_message(answer)}")
+            port = msgspec.json.decode(answer, type=_Lease).tunnel_port
+            workers.append({"node": device.node, "id": worker_id, "host": where.host,
+                            "tunnel_port": port})
+        return {"x-myco-split": msgspec.json.encode({
+            "n_gpu_layers": plan.n_gpu_layers, "tensor_split": plan.tensor_split,
+            "workers": workers}).decode()}
+
+    def node_id(self, name: str) -> str | None:
+        """The id `name` proved: the one the policy pins, else (a loopback node) its own."""
+        info = self.watcher.infos.get(name)
+        return self.policy.nodes[name].id or (info.id if info else None)
 
     def _record(self, started: float, request_id: str, endpoint: str,
                 fields: RoutingFields | None, client: str | None, decision: Decision | None,
@@ -301,6 +356,7 @@ class Gateway:
                         "healthy": view.healthy,
                         "reason": view.reason, "models": sorted(view.models or ()),
                         "loaded": info.loaded if info else [], "queue": info.queue if info else {},
+                        "splits": info.splits if info else {}, "lent": info.lent if info else [],
                         "role": info.capabilities.role if info else None})
         return out
 

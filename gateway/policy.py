@@ -2,7 +2,8 @@
 
 A policy is a TOML file the user wrote.  Only what it lists is reachable; routes are tried in
 order and the first whose `match` fits the request decides (forward to targets in order of
-preference, or deny).  Anything malformed stops start-up with a `PolicyError` naming the file,
+preference, or deny; `split` names the nodes that may together run a model none of the
+targets can hold alone).  Anything malformed stops start-up with a `PolicyError` naming the file,
 the line and the reason.  Example:
 
     [nodes.local]
@@ -71,6 +72,7 @@ class _Route(msgspec.Struct, forbid_unknown_fields=True):
     match: _Match = msgspec.field(default_factory=_Match)
     forward: list[str] | None = None
     deny: str | None = None
+    split: list[str] | None = None  # nodes that may hold layers of a model none fits alone
 
 
 class _Audit(msgspec.Struct, forbid_unknown_fields=True):
@@ -130,6 +132,7 @@ class Route(msgspec.Struct, frozen=True):
     match: Match
     forward: tuple[str, ...]
     deny: str | None
+    split: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -148,6 +151,8 @@ class Route(msgspec.Struct, frozen=True):
             action = f"deny: {self.deny}"
         else:
             action = "forward " + ", ".join(self.forward)
+        if self.split:
+            action += "; split over " + ", ".join(self.split)
         return " ".join(parts) + " -> " + action
 
 
@@ -292,6 +297,12 @@ def parse(text: str, source: str = "<policy>") -> Policy:
                            f"routes[{i}].forward: {target!r} is not a listed node or upstream")
         if r.forward is not None and not r.forward:
             raise fail((*where, "forward"), f"routes[{i}].forward: lists no target")
+        for name in r.split or ():
+            if name not in nodes:
+                raise fail((*where, "split"),
+                           f"routes[{i}].split: {name!r} is not a listed node")
+        if r.split is not None and r.deny is not None:
+            raise fail((*where, "split"), f"routes[{i}]: a `deny` route splits nothing")
         m = r.match
         wanted = _as_tuple(m.client)
         for client in wanted or ():
@@ -301,7 +312,7 @@ def parse(text: str, source: str = "<policy>") -> Policy:
         endpoints = cast(tuple[EndpointKind, ...] | None, _as_tuple(m.endpoint))
         match = Match(m.model, endpoints, wanted, m.tools)
         routes.append(Route(i, toml_lines.line_of(lines, where), match,
-                            tuple(r.forward or ()), r.deny))
+                            tuple(r.forward or ()), r.deny, tuple(r.split or ())))
     if not routes:
         raise PolicyError(source, None, "no [[routes]]: nothing would be reachable")
     return Policy(source, nodes, upstreams, clients, tuple(routes),

@@ -8,7 +8,10 @@ they cannot disagree.  The rules, in order:
 3. Each target of a `forward` route, in the order written, is a candidate: a node must be
    healthy and serve the model; an upstream must list the model (when it lists models at all).
 4. The first eligible candidate is chosen; the rest are fallbacks for connection failures.
-5. No candidate serves the model -> 404; some would but cannot now -> 503 with the reasons.
+5. None is eligible and the route names `split` nodes: `place` (gateway/placement.py) plans
+   the model over the healthy ones; the plan's head is the target, or the planner's reasons
+   are a 503.
+6. No candidate serves the model -> 404; some would but cannot now -> 503 with the reasons.
 
 A destination is only ever a target the policy listed, never derived from the model name.
 """
@@ -20,7 +23,8 @@ from typing import Literal
 
 import msgspec
 
-from gateway.policy import EndpointKind, Policy, matches
+from gateway.placement import Device, ModelShape, Plan, RpcVersion, SplitNode, place
+from gateway.policy import EndpointKind, Policy, Route, matches
 
 
 class RoutingRequest(msgspec.Struct, frozen=True):
@@ -35,8 +39,14 @@ class NodeView(msgspec.Struct, frozen=True):
 
     name: str
     healthy: bool
-    models: frozenset[str] | None = None  # None: not known yet
+    models: frozenset[str] | None = None  # what it serves whole; None: not known yet
     reason: str = ""  # why it is unhealthy
+    # For split inference: the models in its store (whether they fit or not), their shapes
+    # at its context, the RPC protocol it speaks and the memory it lends.
+    stored: frozenset[str] = frozenset()
+    shapes: dict[str, ModelShape] = {}
+    rpc: RpcVersion | None = None
+    lends: tuple[Device, ...] = ()
 
 
 Swarm = Mapping[str, NodeView]
@@ -58,6 +68,7 @@ class Decision(msgspec.Struct, frozen=True):
     rule: str | None = None
     target: str | None = None
     candidates: tuple[Candidate, ...] = ()
+    plan: Plan | None = None  # a split: `target` is its head
 
     @property
     def rule_name(self) -> str:
@@ -65,7 +76,9 @@ class Decision(msgspec.Struct, frozen=True):
 
     @property
     def eligible(self) -> tuple[str, ...]:
-        """Targets to try, in order: the chosen one, then the fallbacks."""
+        """Targets to try, in order: the chosen one, then the fallbacks (a split: its head)."""
+        if self.plan is not None:
+            return (self.plan.head,)
         return tuple(c.target for c in self.candidates if c.eligible)
 
 
@@ -114,6 +127,16 @@ def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
         return Decision(True, 200, f"forward to {chosen_target}", index, rule, chosen_target,
                         tuple(candidates))
     why = "; ".join(f"{c.target}: {c.reason}" for c in candidates)
+    if route.split:
+        split = _split(route, request.model, swarm)
+        if split is not None:
+            shown = tuple(candidates)
+            if isinstance(split, Plan):
+                return Decision(True, 200, f"split: {split.reason}, head {split.head}", index,
+                                rule, split.head, shown, split)
+            return Decision(False, 503, f"no target of {route.name} can hold model "
+                            f"{request.model!r} alone ({why}), and {split}", index, rule, None,
+                            shown)
     if not serves_model:
         return Decision(False, 404, f"model {request.model!r} is not served by any target of "
                         f"{route.name} ({why})", index, rule, None, tuple(candidates))
@@ -139,3 +162,18 @@ def _check(target: str, kind: str, model: str, policy: Policy,
     if not view.healthy:
         return f"unhealthy: {view.reason}", True
     return None, True
+
+
+def _split(route: Route, model: str, swarm: Swarm) -> Plan | str | None:
+    """A plan over the route's healthy split nodes, why there is none, or None when none of
+    them holds the model (nothing to split)."""
+    views = [v for n in route.split if (v := swarm.get(n)) is not None]
+    shape = next((v.shapes[model] for v in views if v.healthy and model in v.shapes), None)
+    if shape is None:
+        return None
+    down = [f"{v.name}: unhealthy ({v.reason})" for v in views if not v.healthy]
+    members = [SplitNode(v.name, model in v.stored, v.rpc, v.lends) for v in views if v.healthy]
+    found = place(shape, members)
+    if isinstance(found, Plan):
+        return found
+    return "; ".join([found.message, *down])

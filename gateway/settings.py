@@ -18,6 +18,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     health_interval: float = 1.0  # with the timeout: a dead node is unhealthy within 2 s
     health_timeout: float = 1.0
     connect_timeout: float = 3.0
+    lease_timeout: float = 60.0  # a worker node starting its rpc worker for a split
     read_timeout: float = 600.0  # a long generation without streaming
     discover: str | None = None  # interface address to browse mDNS on; None: no discovery
     state_dir: str = ""  # the gateway's identity (key, certificate)

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from gateway.placement import Device, ModelShape
 from gateway.resolve import NodeView
 
 log = logging.getLogger("myco.gateway.swarm")
@@ -35,20 +36,34 @@ class _Capabilities(msgspec.Struct):
     models: list[_ModelFit] = []
 
 
+class _Rpc(msgspec.Struct):
+    protocol: tuple[int, int, int] | None = None
+    tunnel_port: int | None = None
+    devices: tuple[Device, ...] = ()
+
+
 class NodeInfo(msgspec.Struct):
     """The fields of a node's `/node/info` the gateway reads."""
 
     name: str = ""
+    id: str = ""
+    certificate: str = ""
     models: list[dict[str, Any]] = []
     capabilities: _Capabilities = msgspec.field(default_factory=_Capabilities)
     loaded: list[str] = []
     queue: dict[str, int] = {}
+    rpc: _Rpc = msgspec.field(default_factory=_Rpc)
+    shapes: dict[str, ModelShape] = {}
+    splits: dict[str, Any] = {}
+    lent: list[Any] = []
 
 
 def view_from_info(name: str, info: NodeInfo) -> NodeView:
     fits = {f.model: f.fit for f in info.capabilities.models}
-    served = frozenset(str(m["id"]) for m in info.models if fits.get(str(m["id"])) != "none")
-    return NodeView(name, True, served)
+    stored = frozenset(str(m["id"]) for m in info.models)
+    served = frozenset(m for m in stored if fits.get(m) != "none")
+    return NodeView(name, True, served, stored=stored, shapes=info.shapes,
+                    rpc=info.rpc.protocol, lends=info.rpc.devices)
 
 
 Fetch = Callable[[str], Awaitable[bytes]]  # node name -> its /node/info body

@@ -292,11 +292,15 @@ class UpstreamPool:
             raise conn.error
         return UpstreamResponse(self, endpoint, conn, read_timeout)
 
-    async def get(self, endpoint: Endpoint, path: str, timeout: float) -> tuple[int, bytes]:
-        """GET `path` (from the endpoint's root) within `timeout` seconds: status and body."""
+    async def call(self, endpoint: Endpoint, path: str, timeout: float,
+                   body: bytes | None = None) -> tuple[int, bytes]:
+        """GET `path` (from the endpoint's root), or POST a JSON `body` there, within `timeout`
+        seconds: the status and the whole answer."""
+        method, headers = ("GET", {}) if body is None else \
+            ("POST", {"content-type": "application/json"})
         async with asyncio.timeout(timeout):
-            response = await self.send(endpoint._replace(base_path=""), path, {}, b"",
-                                       method="GET", timeout=timeout)
+            response = await self.send(endpoint._replace(base_path=""), path, headers,
+                                       body or b"", method=method, timeout=timeout)
             try:
                 return response.status_code, await response.aread()
             finally:

@@ -106,6 +106,7 @@ def cmd_node(args: argparse.Namespace) -> None:
 def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
     """Pair a gateway with this node: its certificate, from a file or from the gateway,
     must have the id the person typed."""
+    from myco.tls import certificate_id
     from nodeagent import pairing
 
     if args.cert:  # a file the person chose: its certificate is the one to trust
@@ -116,7 +117,7 @@ def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
         raise SystemExit("myco: which gateway? `myco node allow GATEWAY_ID` "
                          "(`myco gateway id` prints it), or --cert FILE")
     try:
-        gateway_id = args.peer or pairing.certificate_id(pem)
+        gateway_id = args.peer or certificate_id(pem)
         added = pairing.add(state_dir, gateway_id, pem, name)
     except ValueError as exc:
         raise SystemExit(f"myco: not paired: {exc}") from None
@@ -155,10 +156,21 @@ def cmd_nodes(args: argparse.Namespace) -> None:
         for model in n["models"]:
             loaded = " (loaded)" if model in n["loaded"] else ""
             print(f"    {model}{loaded} queue={n['queue'].get(model, 0)}")
+        for model, split in n.get("splits", {}).items():
+            spans = [f"{d['name']} {_span(d['layers'])}" for d in split["record"]["devices"]]
+            hosts = ", ".join(f"{w['node']} ({w['host']})" for w in split["workers"])
+            print(f"    {model} split over {hosts}: " + "; ".join(spans))
+        for lease in n.get("lent", []):
+            print(f"    lends {lease['device']} to {lease['head'][:7]} for {lease['model']} "
+                  f"({lease['connections']} connection(s))")
     for d in swarm.get("discovered", []):
         if d["status"] != "listed":
             where = ", ".join(f"{a}:{d['port']}" for a in d["addresses"])
             print(f"discovered {d['name']} at {where}: {d['status']}\n    id {d['id']}")
+
+
+def _span(layers: list[int]) -> str:
+    return f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
 
 
 def cmd_policy_check(args: argparse.Namespace) -> None:
@@ -193,6 +205,12 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
     for c in result["candidates"]:
         mark = "->" if c["chosen"] else ("ok" if c["eligible"] else "no")
         print(f"  {mark} {c['target']} ({c['kind']}): {c['reason']}")
+    plan = result.get("plan")
+    for d in plan["devices"] if plan else ():
+        units = list(range(d["first"], d["first"] + d["count"]))
+        print(f"  {d['role']} {d['node']} {d['device']}: {_span(units)}"
+              f"{' + output' if d['holds_output'] else ''}, needs "
+              f"{d['need_bytes'] / 2**20:.0f} of {d['free_bytes'] / 2**20:.0f} MiB")
 
 
 def cmd_policy_allow(args: argparse.Namespace) -> None:

@@ -105,6 +105,14 @@ def encode_error(message: str, type_: str, param: str | None = None,
     return msgspec.json.encode(ErrorEnvelope(ErrorBody(message, type_, param, code)))
 
 
+def error_message(body: bytes) -> str:
+    """The message of an error envelope, or the body itself if it is not one."""
+    try:
+        return msgspec.json.decode(body, type=ErrorEnvelope).error.message
+    except msgspec.DecodeError:
+        return body.decode("utf-8", "replace")[:200]
+
+
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                  403: "permission_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 413: "invalid_request_error",

@@ -49,6 +49,11 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     return context
 
 
+def certificate_id(pem: str) -> str:
+    """The id of a PEM certificate; ValueError if it is not one."""
+    return id_of(ssl.PEM_cert_to_DER_cert(pem.strip()))
+
+
 def peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     """The id of the certificate the other end presented (None: it presented none)."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None

@@ -18,20 +18,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Proc:
-    """A child process that printed `... listening on URL`; its output is kept in `lines`."""
+    """A child process that printed a line matching `ready` (by default `... listening on
+    URL`, whose URL is `url`); its output is kept in `lines`."""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, ready: str = r"listening on (https?://\S+)") -> None:
         self.args = args
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
             args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, start_new_session=True)
-        self.url = self._wait_ready(timeout)
+        self.ready_match = self._wait_ready(timeout, ready)
+        self.ready_line = self.lines[-1]
+        self.url = self.ready_match.group(1) if self.ready_match.groups() else ""
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self._drainer.start()
 
-    def _wait_ready(self, timeout: float) -> str:
+    def _wait_ready(self, timeout: float, ready: str) -> re.Match[str]:
         assert self.popen.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -39,9 +42,9 @@ class Proc:
             if not line:
                 break
             self.lines.append(line)
-            found = re.search(r"listening on (https?://\S+)", line)
+            found = re.search(ready, line)
             if found:
-                return found.group(1)
+                return found
         self.stop()
         raise RuntimeError(f"{' '.join(self.args)} did not start:\n{''.join(self.lines)}")
 

@@ -52,9 +52,9 @@ def test_unlisted_port_is_refused_before_connecting(canary: RawServer, listed: P
         pool = pool_for(Egress([("127.0.0.1", listed_port)]))
         try:
             with pytest.raises(EgressDenied, match="not listed in the policy"):
-                await pool.get(Endpoint("http", host, canary.port, ""), "/v1/models", 5)
+                await pool.call(Endpoint("http", host, canary.port, ""), "/v1/models", 5)
             # The same spelling of the listed endpoint goes through.
-            ok, _ = await pool.get(Endpoint("http", host, listed_port, ""), "/v1/models", 5)
+            ok, _ = await pool.call(Endpoint("http", host, listed_port, ""), "/v1/models", 5)
             assert ok == 200
         finally:
             await pool.aclose()
@@ -67,7 +67,7 @@ def test_listed_host_on_another_port_is_refused(canary: RawServer) -> None:
     async def go() -> None:
         pool = pool_for(Egress([("127.0.0.1", canary.port + 1)]))
         with pytest.raises(EgressDenied):
-            await pool.get(Endpoint("http", "127.0.0.1", canary.port, ""), "/", 5)
+            await pool.call(Endpoint("http", "127.0.0.1", canary.port, ""), "/", 5)
         await pool.aclose()
 
     asyncio.run(go())
