@@ -26,10 +26,8 @@ import ssl
 import tomllib
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
-from myco.identity import id_of, parse_id
+from myco.identity import parse_id
+from myco.tls import certificate_id
 
 log = logging.getLogger("myco.node.pairing")
 FILE = "gateways.toml"
@@ -38,11 +36,6 @@ _HEADER = "# Gateways this node serves.  `myco node allow GATEWAY_ID` adds one.\
 
 class PairingError(Exception):
     pass
-
-
-def certificate_id(pem: str) -> str:
-    """The id of a PEM certificate; ValueError if it is not one."""
-    return id_of(x509.load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER))
 
 
 def load(state_dir: Path) -> dict[str, str]:
