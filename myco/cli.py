@@ -70,10 +70,13 @@ def cmd_node(args: argparse.Namespace) -> None:
     from nodeagent.app import NodeAgent, create_app
     from nodeagent.settings import NodeSettings
 
-    settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
-                                     name=args.name, n_ctx=args.n_ctx,
-                                     queue_size=args.queue_size, state_dir=args.state_dir,
-                                     announce=args.announce)
+    try:
+        settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
+                                         name=args.name, n_ctx=args.n_ctx,
+                                         queue_size=args.queue_size, state_dir=args.state_dir,
+                                         announce=args.announce, memory_limit=args.memory_limit)
+    except ValueError as exc:
+        raise SystemExit(f"myco: invalid node setting: {exc}") from None
     identity = load_or_create(Path(settings.state_dir), settings.name)
     if args.action == "id":
         print(identity.id)
@@ -254,7 +257,7 @@ def cmd_hw(args: argparse.Namespace) -> None:
     settings = NodeSettings.from_env(models_dir=args.models, n_ctx=args.n_ctx)
     hw = hardware.detect()
     models = ModelStore(Path(settings.models_dir)).list()
-    caps = capability.classify(hw, models, settings.n_ctx)
+    caps = capability.classify(hw, models, settings.n_ctx, memory_limit=settings.memory_limit)
     if args.json:
         print(json.dumps({"hardware": msgspec.to_builtins(hw),
                           "capabilities": msgspec.to_builtins(caps)}, indent=2))
@@ -382,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     nd.add_argument("--name", help="node name (default: the host name)")
     nd.add_argument("--n-ctx", type=int, help="context length per model (default 4096)")
     nd.add_argument("--queue-size", type=int, help="requests per model before 429 (default 8)")
+    nd.add_argument("--memory-limit", help="memory this node uses for models and lends: bytes, "
+                    "or 300M, 2G (default: what is free)")
     nd.set_defaults(func=cmd_node)
 
     for name, func, help_ in (("nodes", cmd_nodes, "show the nodes the gateway sees"),):

@@ -1,12 +1,13 @@
 """Relay an upstream HTTP response to a litestar client: bytes as they arrive, nothing buffered.
 
 Used by the gateway (to nodes and upstreams) and by the node agent (to its model runners).
-The upstream response is always closed, also when the client goes away mid-stream.
+The upstream response is always closed, also when the client goes away mid-stream; then
+`closed` is called (the node agent holds a request's place in its queue until then).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import httpx
@@ -38,8 +39,8 @@ def relay_headers(response: Upstream, extra: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-async def relay(response: Upstream,
-                extra_headers: dict[str, str]) -> Response[bytes] | Stream:
+async def relay(response: Upstream, extra_headers: dict[str, str],
+                closed: Callable[[], object] = lambda: None) -> Response[bytes] | Stream:
     """Turn an httpx response opened with `stream=True` into a litestar response."""
     headers = relay_headers(response, extra_headers)
     if not response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -50,13 +51,14 @@ async def relay(response: Upstream,
             raise TargetFailed(f"upstream failed: {reason}") from None
         finally:
             await response.aclose()
+            closed()
         return Response(body, status_code=response.status_code, headers=headers,
                         media_type=response.headers.get("content-type"))
-    return Stream(_chunks(response), status_code=response.status_code, headers=headers,
+    return Stream(_chunks(response, closed), status_code=response.status_code, headers=headers,
                   media_type="text/event-stream")
 
 
-async def _chunks(response: Upstream) -> AsyncIterator[bytes]:
+async def _chunks(response: Upstream, closed: Callable[[], object]) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk
@@ -66,3 +68,4 @@ async def _chunks(response: Upstream) -> AsyncIterator[bytes]:
         yield b"\n\ndata: " + encode_error(message, "api_error", None, "target_failed") + b"\n\n"
     finally:
         await response.aclose()
+        closed()

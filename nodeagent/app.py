@@ -2,12 +2,17 @@
 
     request -> check the body -> find the model in the store -> take a place in its queue ->
     runner (started on first use) -> relay the runner's answer, bytes as they come
+
+A request with an `x-myco-split` header (`wire.Split`, planned by the gateway) is served by a
+runner loaded with that split, on this node as the head; `POST /node/rpc/lease` lends this
+node's devices to other heads (nodeagent/lending.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -24,9 +29,10 @@ from myco.identity import Identity
 from myco.proxy import relay
 from nodeagent import capability, hardware, pairing, wire
 from nodeagent.announce import Announcer
+from nodeagent.lending import Lender
 from nodeagent.runners import RunnerPool
 from nodeagent.settings import NodeSettings
-from nodeagent.store import ModelStore
+from nodeagent.store import ModelMeta, ModelStore
 
 VERSION = "0.1.0"
 _BODIES: dict[str, type[wire.ChatRequest | wire.CompletionRequest | wire.EmbeddingRequest]] = {
@@ -35,7 +41,7 @@ _BODIES: dict[str, type[wire.ChatRequest | wire.CompletionRequest | wire.Embeddi
 
 
 class NodeAgent:
-    """The state behind the handlers: store, hardware snapshot, runner pool."""
+    """The state behind the handlers: store, hardware snapshot, runner pool, lender."""
 
     def __init__(self, settings: NodeSettings, hw: hardware.Hardware, identity: Identity, *,
                  port: int, tls: ssl.SSLContext | None = None,
@@ -49,44 +55,62 @@ class NodeAgent:
         self.hardware = hw  # snapshot at start: what capability is judged against
         self.pool = RunnerPool(n_ctx=settings.n_ctx, queue_size=settings.queue_size,
                                load_timeout=settings.load_timeout, threads=settings.threads,
-                               retry_after=settings.retry_after)
+                               retry_after=settings.retry_after, identity=identity)
+        self.lender = Lender(identity, host=settings.host,
+                             cache_dir=Path(settings.state_dir) / "rpc-cache",
+                             threads=settings.threads or os.cpu_count() or 1,
+                             idle=settings.lend_idle, memory_limit=settings.memory_limit)
         self.started = time.time()
 
-    def capabilities(self) -> capability.Capabilities:
-        return capability.classify(self.hardware, self.store.list(), self.settings.n_ctx)
+    def capabilities(self, models: list[ModelMeta] | None = None) -> capability.Capabilities:
+        return capability.classify(self.hardware, self.store.list() if models is None else models,
+                                   self.settings.n_ctx, memory_limit=self.settings.memory_limit)
 
     async def infer(self, request: Request[Any, Any, Any]) -> Any:
         raw = await request.body()
         body = wire.decode(raw, _BODIES[request.url.path])
+        split = wire.split_header(request.headers.get("x-myco-split"))
         meta = self.store.get(body.model)
         if meta is None:
             raise ModelNotFound(f"model {body.model!r} is not in this node's store "
                                 f"({self.settings.models_dir})", param="model")
         # Judge only this model: the whole store was just listed by get(), once is enough.
-        fit = capability.classify(self.hardware, [meta], self.settings.n_ctx).models[0]
-        if fit.fit == "none":
+        # A split was planned by the gateway for a model that may not fit here alone.
+        fit = self.capabilities([meta]).models[0]
+        if fit.fit == "none" and split is None:
             raise Unavailable(f"model {meta.id} does not fit on this node: {fit.reason}")
-        runner = await self.pool.get(meta)
-        with runner.admit():
+        runner = await self.pool.get(meta, split)
+        with contextlib.ExitStack() as place:
+            place.enter_context(runner.admit())
             try:
                 response = await runner.client.send(runner.client.build_request(
                     "POST", request.url.path, content=raw,
                     headers={"content-type": "application/json"}), stream=True)
             except httpx.HTTPError as exc:
                 raise TargetFailed(f"runner for {meta.id} failed: {type(exc).__name__}") from None
-            return await relay(response, {"x-myco-node": self.settings.name})
+            # The place is held until the response is relayed to its end (a stream: later).
+            return await relay(response, {"x-myco-node": self.settings.name},
+                               place.pop_all().close)
 
     async def info(self) -> dict[str, Any]:
         now = await asyncio.to_thread(hardware.detect)
+        models, runners = self.store.list(), sorted(self.pool.runners.items())
         return {"name": self.settings.name, "id": self.identity.id, "version": VERSION,
+                "certificate": self.identity.pem(),
                 "uptime_s": round(time.time() - self.started, 1),
                 "hardware": msgspec.to_builtins(now),
-                "capabilities": msgspec.to_builtins(self.capabilities()),
-                "models": [msgspec.to_builtins(m) for m in self.store.list()],
-                "loaded": sorted(self.pool.runners), "queue": self.pool.queue_depths(),
+                "capabilities": msgspec.to_builtins(self.capabilities(models)),
+                "models": [msgspec.to_builtins(m) for m in models],
+                "loaded": [k for k, _ in runners], "queue": self.pool.queue_depths(),
                 "runners": [{"model": k, "pid": r.process.pid, "pending": r.pending}
-                            for k, r in sorted(self.pool.runners.items())],
-                "n_ctx": self.settings.n_ctx}
+                            for k, r in runners],
+                "n_ctx": self.settings.n_ctx, "rpc": self.lender.info(now),
+                "shapes": {m.id: msgspec.to_builtins(capability.shape(m, self.settings.n_ctx))
+                           for m in models},
+                "splits": {k: {**msgspec.to_builtins(r.split),
+                               "record": msgspec.to_builtins(r.record)}
+                           for k, r in runners if r.split is not None},
+                "lent": self.lender.lent()}
 
     def model_list(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -109,18 +133,26 @@ def create_app(agent: NodeAgent) -> Litestar:
         if agent.tls is not None:
             following = asyncio.create_task(pairing.follow(
                 Path(agent.settings.state_dir), agent.tls, agent.paired))
+        await agent.lender.start()
+        unloading = asyncio.create_task(agent.pool.unload_idle(agent.settings.unload_after))
         try:
             yield
         finally:
+            unloading.cancel()
             if following is not None:
                 following.cancel()
             if announcer is not None:
                 await announcer.stop()
             await agent.pool.close()
+            await agent.lender.stop()
 
     @post(list(_BODIES))
     async def infer(request: Request[Any, Any, Any]) -> Any:
         return await agent.infer(request)
+
+    @post("/node/rpc/lease", status_code=200)
+    async def lease(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return await agent.lender.lease(wire.decode(await request.body(), wire.LeaseRequest))
 
     @get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -134,6 +166,6 @@ def create_app(agent: NodeAgent) -> Litestar:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "name": agent.settings.name}
 
-    return Litestar(route_handlers=[infer, models, info, health], lifespan=[lifespan],
+    return Litestar(route_handlers=[infer, lease, models, info, health], lifespan=[lifespan],
                     exception_handlers=exception_handlers({"x-myco-node": agent.settings.name}),
                     openapi_config=None, logging_config=None, debug=False)

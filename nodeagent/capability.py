@@ -2,7 +2,8 @@
 
 For each model: does it fit in GPU memory, in RAM, or not at all (weights + KV cache for the
 configured context + a compute buffer).  For the node: a coarse role, from an ordered table of
-rules where the first that holds wins.
+rules where the first that holds wins.  For a split across nodes: each model's `Shape`, what
+the gateway's planner (gateway/placement.py, `ModelShape`) needs to know of it.
 
 How to add a role: add it to `Role`, put a `_RoleRule(role, holds)` in `ROLE_RULES` above the
 first rule it should win over (order is priority; `holds` gets the usable GPU and RAM bytes), and
@@ -26,6 +27,7 @@ GiB = 1024**3
 COMPUTE_BUFFER = 256 * 1024**2  # llama.cpp's scratch buffers, roughly, for small batches
 RAM_RESERVE = 1 * GiB  # left for the OS and the node agent itself
 APPLE_GPU_SHARE = 0.75  # Metal's recommended working set is about 3/4 of unified memory
+N_UBATCH = 512  # llama.cpp's default micro-batch: the logits buffer holds this many tokens
 
 
 class ModelFit(msgspec.Struct, frozen=True):
@@ -42,6 +44,17 @@ class Capabilities(msgspec.Struct, frozen=True):
     gpu_memory: int  # usable for one model
     ram_memory: int
     models: tuple[ModelFit, ...]
+
+
+class Shape(msgspec.Struct, frozen=True):
+    """gateway.placement.ModelShape's fields, as /node/info reports them."""
+
+    n_layers: int  # repeating layers
+    layer_bytes: int  # weights of one repeating layer (on average)
+    kv_bytes_per_layer: int
+    input_bytes: int  # token embedding
+    output_bytes: int  # output head (the token embedding again when tied to it)
+    logits_bytes: int  # n_vocab x n_ubatch x 4
 
 
 class _RoleRule(msgspec.Struct, frozen=True):
@@ -68,6 +81,18 @@ def kv_cache_bytes_per_layer(meta: ModelMeta, n_ctx: int) -> int:
 def kv_cache_bytes(meta: ModelMeta, n_ctx: int) -> int:
     """f16 K and V for every layer at the context the node will use."""
     return meta.n_layers * kv_cache_bytes_per_layer(meta, n_ctx)
+
+
+def shape(meta: ModelMeta, n_ctx: int) -> Shape:
+    """From the tensor sizes in the file; without them, the file spread evenly over the layers,
+    the input and the output (as ModelShape.estimate does)."""
+    n = max(meta.n_layers, 1)
+    layer = inputs = output = -(-meta.file_size // (n + 2))
+    if meta.input_bytes and meta.layers_bytes:
+        layer, inputs = -(-meta.layers_bytes // n), meta.input_bytes
+        output = meta.output_bytes or meta.input_bytes
+    return Shape(meta.n_layers, layer, kv_cache_bytes_per_layer(meta, n_ctx), inputs, output,
+                 meta.n_vocab * N_UBATCH * 4)
 
 
 def usable_gpu(hw: Hardware) -> tuple[int, str]:
@@ -104,15 +129,19 @@ def fit_model(meta: ModelMeta, n_ctx: int, gpu: int, gpu_name: str, ram: int, *,
 
 
 def classify(hw: Hardware, models: Sequence[ModelMeta], n_ctx: int, *,
-             compute_buffer: int = COMPUTE_BUFFER, ram_reserve: int = RAM_RESERVE) -> Capabilities:
+             compute_buffer: int = COMPUTE_BUFFER, ram_reserve: int = RAM_RESERVE,
+             memory_limit: int | None = None) -> Capabilities:
     """The node's role and each model's fit, at a context of `n_ctx` tokens.
 
     Usable RAM is what is available minus `ram_reserve` (never negative); every model also needs
-    `compute_buffer` bytes besides its weights and KV cache.
+    `compute_buffer` bytes besides its weights and KV cache.  `memory_limit` (bytes) caps both
+    usable RAM and usable GPU memory.
     """
     gpu, gpu_name = usable_gpu(hw)
     # Unified memory is one pool: a model on the "GPU" is in RAM too.
     ram = max(0, hw.ram_available - ram_reserve)
+    if memory_limit is not None:
+        gpu, ram = min(gpu, memory_limit), min(ram, memory_limit)
     role = next(rule.role for rule in ROLE_RULES if rule.holds(gpu, ram))
     fits = tuple(fit_model(m, n_ctx, gpu, gpu_name, ram, compute_buffer=compute_buffer)
                  for m in models)

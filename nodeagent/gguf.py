@@ -1,16 +1,19 @@
-"""A small GGUF header reader: the metadata key/values, without loading weights.
+"""A small GGUF header reader: the metadata key/values and tensor sizes, without loading weights.
 
-Scalars are returned; arrays (the tokenizer's vocabulary, mostly) are skipped without being
-decoded, so a file with a 262k-token vocabulary reads in about 0.1 s.  Tensor infos and tensor
-data are never touched.  Every length and count is checked against the file's size before use,
-so a corrupt or truncated file raises `GGUFError` instead of allocating or seeking absurdly.
+`read_header` returns the scalars; for each array (the tokenizer's vocabulary, mostly) only its
+element count (`tokenizer.ggml.tokens` -> the vocabulary size), skipping the elements without
+decoding them, so a file with a 262k-token vocabulary reads in about 0.1 s; and the size of each
+tensor's data, from the tensor infos' offsets (the data itself is never touched).  Every length
+and count is checked against the file's size before use, so a corrupt or truncated file raises
+`GGUFError` instead of allocating or seeking absurdly.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 Value = str | int | float | bool
 
@@ -26,6 +29,12 @@ _MAX_NESTING = 8  # real files nest arrays at most once; deeper is corruption
 
 class GGUFError(ValueError):
     """Not a GGUF file, an unsupported version, or a truncated or corrupt one."""
+
+
+class Header(NamedTuple):
+    metadata: dict[str, Value]  # the scalar key/values
+    arrays: dict[str, int]  # array key -> its element count (elements not decoded)
+    tensors: dict[str, int]  # tensor name -> bytes of its data (alignment padding included)
 
 
 class _Cursor:
@@ -85,7 +94,7 @@ class _Cursor:
             self.skip(u64(self.buf, at)[0])
 
 
-def _skip_array(c: _Cursor, depth: int = 0) -> None:
+def _skip_array(c: _Cursor, depth: int = 0) -> int:
     kind, count = c.u32(), c.u64()
     if kind in _SCALARS:
         c.skip(count * struct.calcsize(_SCALARS[kind]))
@@ -96,10 +105,11 @@ def _skip_array(c: _Cursor, depth: int = 0) -> None:
             _skip_array(c, depth + 1)
     else:
         raise GGUFError(f"{c.name}: bad GGUF array element type {kind} at offset {c.pos}")
+    return count
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Value]:
-    """The scalar metadata of a GGUF (v2/v3) file, arrays left out.
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """The scalar metadata, array lengths and tensor sizes of a GGUF (v2/v3) file.
 
     Raises `GGUFError` if the file is not GGUF, has another version, or is truncated or corrupt;
     `OSError` if it cannot be opened.
@@ -112,8 +122,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Value]:
         version = c.u32()
         if version not in (2, 3):
             raise GGUFError(f"{name}: unsupported GGUF version {version}")
-        c.u64()  # tensor count: the tensor infos follow the key/values; we stop before them
+        n_tensors = c.u64()
         out: dict[str, Value] = {}
+        arrays: dict[str, int] = {}
         for _ in range(c.u64()):
             key = c.string()
             kind = c.u32()
@@ -122,7 +133,18 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Value]:
             elif kind == _STRING:
                 out[key] = c.string()
             elif kind == _ARRAY:
-                _skip_array(c)
+                arrays[key] = _skip_array(c)
             else:
                 raise GGUFError(f"{name}: unknown GGUF value type {kind} at key {key!r}")
-        return out
+        starts = []
+        for _ in range(n_tensors):  # name, n_dims, dims (u64 each), type, offset in the data
+            tensor = c.string()
+            c.skip(8 * c.u32() + 4)
+            starts.append((c.u64(), tensor))
+        align = out.get("general.alignment", 32)
+        align = align if isinstance(align, int) and align > 0 else 32
+        ends = [*sorted(starts), (c.size - -(-c.pos // align) * align, "")]
+        tensors = {t: end - start for (start, t), (end, _) in itertools.pairwise(ends)}
+        if any(size < 0 for size in tensors.values()):
+            raise GGUFError(f"{name}: truncated GGUF file (tensor data past its end)")
+        return Header(out, arrays, tensors)

@@ -9,7 +9,8 @@ channel).  When it answers, it prints one line for its supervisor to wait for:
 `--port 0` lets the system pick a free port: ggml cannot report the port it bound, so we find
 our own listening socket with psutil, then confirm it with a HELLO probe.  Exit status 1 when
 the server cannot start (port in use, unknown device), 2 on bad arguments.  ggml itself prints
-a banner and "Accepted client connection" lines on stdout.
+a banner and "Accepted client connection" lines on stdout.  It dies with the process that
+started it (nodeagent/child.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 import psutil
 
-from nodeagent import rpc
+from nodeagent import child, rpc
 
 HOST = "127.0.0.1"
 
@@ -37,6 +38,7 @@ def _listening_port(port: int) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    child.die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m nodeagent.rpcworker")
     parser.add_argument("--host", default=HOST, help="must be 127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0: any free port")

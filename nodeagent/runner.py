@@ -4,9 +4,9 @@
 then serves OpenAI-shaped chat, completion and embedding requests on a Unix socket that only
 the node agent uses, and the load record (which device holds which layers) at GET /load.
 Because the model lives here, a crash or an unload frees its memory and the node agent
-survives.  llama.cpp is not thread-safe: every call into it runs on the one worker thread of
-`Model`, off the event loop.  Server-sent events are produced with sse-starlette, the runner
-being a plain Starlette app.
+survives; it dies with the node agent (nodeagent/child.py).  llama.cpp is not thread-safe:
+every call into it runs on the one worker thread of `Model`, off the event loop.  Server-sent
+events are produced with sse-starlette, the runner being a plain Starlette app.
 
 Split inference: `--rpc HOST:PORT` (repeatable, in device order RPC0, RPC1, ...) with
 `--tensor-split` (one share per offloaded device, RPC devices first) and `--n-gpu-layers`
@@ -42,8 +42,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from myco.errors import MycoError
-from nodeagent import generate, loadrecord, rpc, split, wire
-from nodeagent.gguf import GGUFError, read_metadata
+from nodeagent import child, generate, loadrecord, rpc, split, wire
+from nodeagent.gguf import GGUFError, read_header
 from nodeagent.store import meta_from_gguf
 
 _DONE = object()
@@ -233,7 +233,7 @@ def _endpoint(text: str) -> str:
 
 def _connect_workers(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     """Check the split, probe then register every worker; RpcError naming what is wrong."""
-    meta = meta_from_gguf("", Path(args.model), read_metadata(args.model), 0)
+    meta = meta_from_gguf("", Path(args.model), read_header(args.model), 0)
     devices = max(len(args.rpc), len(args.tensor_split))
     shares = split.layer_shares(meta.n_layers, args.n_gpu_layers, args.tensor_split, devices)
     idle = [e for e, n in zip(args.rpc, shares[1:], strict=False) if not n]
@@ -255,6 +255,7 @@ def _connect_workers(args: argparse.Namespace, say: Callable[[str], None]) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
+    child.die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m nodeagent.runner")
     parser.add_argument("--model", required=True)
     parser.add_argument("--id", required=True)

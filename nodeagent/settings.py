@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 
@@ -10,6 +11,18 @@ import msgspec
 import platformdirs
 
 from nodeagent.store import default_models_dir
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "300M", "2G", "1.5GiB" or "123456" (binary units, as in 1M = 2**20);
+    ValueError otherwise."""
+    found = _SIZE.fullmatch(text.strip())
+    if found is None:
+        raise ValueError(f"memory limit {text!r}: give bytes, or a number with K, M, G or T "
+                         "(300M)")
+    return int(float(found[1]) * 1024 ** "_KMGT".index(found[2].upper() or "_"))
 
 
 class NodeSettings(msgspec.Struct, frozen=True):
@@ -24,6 +37,9 @@ class NodeSettings(msgspec.Struct, frozen=True):
     threads: int | None = None  # llama.cpp threads; None: its default
     state_dir: str = ""  # identity (key, certificate); "" : the user state dir
     announce: str | None = None  # interface address for mDNS; None: --host unless loopback
+    memory_limit: int | None = None  # bytes this node uses for models and lends; None: all
+    unload_after: float = 900.0  # seconds without a request in flight before a runner stops
+    lend_idle: float = 60.0  # seconds a lent rpc worker waits for its head to (re)connect
 
     @property
     def announce_on(self) -> str | None:
@@ -34,7 +50,8 @@ class NodeSettings(msgspec.Struct, frozen=True):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> NodeSettings:
-        """Flags win over `MYCO_NODE_*` variables (and `MYCO_MODELS`), which win over defaults."""
+        """Flags win over `MYCO_NODE_*` variables (and `MYCO_MODELS`), which win over defaults.
+        ValueError naming the field when a value is invalid."""
         values: dict[str, object] = {
             "models_dir": str(default_models_dir()), "name": socket.gethostname(),
             "state_dir": str(platformdirs.user_state_path("mycoswarm") / "node")}
@@ -43,4 +60,6 @@ class NodeSettings(msgspec.Struct, frozen=True):
             if env is not None:
                 values[field] = env
         values.update({k: v for k, v in flags.items() if v is not None})
+        if isinstance(limit := values.get("memory_limit"), str):
+            values["memory_limit"] = parse_size(limit)
         return msgspec.convert(values, cls, strict=False)

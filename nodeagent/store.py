@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 import platformdirs
 
-from nodeagent.gguf import GGUFError, Value, read_metadata
+from nodeagent.gguf import GGUFError, Header, read_header
 
 log = logging.getLogger("myco.node.store")
 
@@ -41,6 +41,10 @@ class ModelMeta(msgspec.Struct, frozen=True):
     value_length: int  # likewise
     chat_template: str | None  # tokenizer.chat_template
     name: str | None  # general.name
+    n_vocab: int = 0  # {arch}.vocab_size, else the length of tokenizer.ggml.tokens
+    input_bytes: int = 0  # token_embd.weight in the file (0: unknown)
+    output_bytes: int = 0  # output.weight (0: none, the output is tied to the token embedding)
+    layers_bytes: int = 0  # every repeating layer's tensors (blk.N.*) together
 
 
 def default_models_dir() -> Path:
@@ -49,8 +53,9 @@ def default_models_dir() -> Path:
     return Path(env) if env else platformdirs.user_data_path("mycoswarm") / "models"
 
 
-def meta_from_gguf(model_id: str, path: Path, kv: dict[str, Value], size: int) -> ModelMeta:
-    """Pure: the fields we use, out of a header's key/values (missing numbers default to 0)."""
+def meta_from_gguf(model_id: str, path: Path, header: Header, size: int) -> ModelMeta:
+    """Pure: the fields we use, out of a header (missing numbers default to 0)."""
+    kv, tensors = header.metadata, header.tensors
     arch = str(kv.get("general.architecture", "unknown"))
 
     def num(key: str, default: int) -> int:
@@ -71,7 +76,11 @@ def meta_from_gguf(model_id: str, path: Path, kv: dict[str, Value], size: int) -
         key_length=num("attention.key_length", n_embd // n_head),
         value_length=num("attention.value_length", n_embd // n_head),
         chat_template=template if isinstance(template, str) else None,
-        name=name if isinstance(name, str) else None)
+        name=name if isinstance(name, str) else None,
+        n_vocab=num("vocab_size", header.arrays.get("tokenizer.ggml.tokens", 0)),
+        input_bytes=tensors.get("token_embd.weight", 0),
+        output_bytes=tensors.get("output.weight", 0),
+        layers_bytes=sum(n for t, n in tensors.items() if t.startswith("blk.")))
 
 
 def read_aliases(path: Path) -> dict[str, str]:
@@ -111,7 +120,7 @@ class ModelStore:
         key = (str(path), stat.st_mtime, stat.st_size)
         if key not in self._cache:
             try:
-                self._cache[key] = meta_from_gguf("", path, read_metadata(path), stat.st_size)
+                self._cache[key] = meta_from_gguf("", path, read_header(path), stat.st_size)
             except (GGUFError, OSError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 self._cache[key] = None

@@ -140,6 +140,10 @@ class _Listener:
             log.info("%s: closed %s after %.1f s (%d bytes forth, %d back)", self.name, who,
                      time.monotonic() - started, *counts)
 
+    def connections(self, peer: str) -> int:
+        """How many connections of `peer` are open (from its handshake on)."""
+        return list(self._tasks.values()).count(peer)
+
     def _end(self, peer: str | None = None) -> None:
         for task, found in list(self._tasks.items()):
             if peer is None or found == peer:

@@ -1,4 +1,5 @@
-"""Typed request bodies the node accepts (OpenAI's shapes), checked before any model work.
+"""Typed request bodies the node accepts (OpenAI's shapes), checked before any model work;
+the gateway's lease request and split header.
 
 Unknown fields are ignored, as OpenAI's API does for clients that send newer parameters; what
 the node cannot honour (n > 1, image parts for a text-only model) is a 400 naming the field.
@@ -7,11 +8,12 @@ the node cannot honour (n > 1, image parts for a text-only model) is a 400 namin
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from myco.errors import BadRequest
+from myco.identity import parse_id
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -97,7 +99,46 @@ class EmbeddingRequest(msgspec.Struct, frozen=True):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest)
+class LeaseRequest(msgspec.Struct, frozen=True):
+    """POST /node/rpc/lease: lend `device` to the head node with this id and certificate."""
+
+    model: str
+    head_id: str
+    head_certificate: str  # PEM
+    device: str = "CPU"
+
+
+class SplitWorker(msgspec.Struct, frozen=True):
+    node: str
+    id: str  # the worker node's id: its tunnel exit must present this certificate
+    host: str
+    tunnel_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Split(msgspec.Struct, frozen=True):
+    """The x-myco-split header: the gateway's plan for this model on this (head) node."""
+
+    n_gpu_layers: int
+    tensor_split: tuple[Annotated[float, msgspec.Meta(ge=0)], ...]
+    workers: tuple[SplitWorker, ...]  # in RPC registration order: RPC0, RPC1, ...
+
+
+def split_header(text: str | None) -> Split | None:
+    """The decoded x-myco-split header (None when absent); BadRequest naming it if invalid."""
+    if text is None:
+        return None
+    try:
+        split = msgspec.json.decode(text, type=Split)
+        for worker in split.workers:
+            parse_id(worker.id)
+        if len(split.tensor_split) < len(split.workers):
+            raise ValueError("tensor_split needs a share for every worker")
+    except ValueError as exc:  # msgspec's errors are ValueErrors too
+        raise BadRequest(f"invalid x-myco-split header: {exc}", param="x-myco-split") from None
+    return split
+
+
+Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest | LeaseRequest)
 
 
 def decode(raw: bytes, kind: type[Body]) -> Body:

@@ -131,3 +131,12 @@ def test_context_decides_whether_a_model_fits() -> None:
     hw = make_hw(8, available_gb=6)  # 5 GiB usable
     assert classify(hw, [MISTRAL_7B], 4096).models[0].fit == "ram"  # 4.8 GiB
     assert classify(hw, [MISTRAL_7B], 32768).models[0].fit == "none"  # 8.3 GiB
+
+
+def test_a_memory_limit_caps_ram_and_gpu() -> None:
+    hw = make_hw(64, available_gb=60, gpus=(make_gpu(23.5),))
+    caps = classify(hw, [GEMMA, MISTRAL_7B], 4096, memory_limit=2 * GiB)
+    assert (caps.gpu_memory, caps.ram_memory) == (2 * GiB, 2 * GiB)
+    assert [m.fit for m in caps.models] == ["gpu", "none"]
+    assert classify(hw, [GEMMA], 4096, memory_limit=300 * MiB).models[0].fit == "none"
+    assert caps.role == "embeddings"  # what the node may use, not what it has

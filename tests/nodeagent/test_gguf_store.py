@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.gguf import GGUFError, read_metadata
+from nodeagent.gguf import GGUFError, read_header
 from nodeagent.store import ModelMeta, ModelStore, default_models_dir
 
 _FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -56,8 +56,23 @@ EVERY_TYPE: list[tuple[str, int, object]] = [
 @pytest.mark.parametrize("version", [2, 3])
 def test_reads_every_scalar_type_and_skips_arrays(tmp_path: Path, version: int) -> None:
     (tmp_path / "m.gguf").write_bytes(gguf(EVERY_TYPE, version) + b"\x00" * 64)
-    assert read_metadata(tmp_path / "m.gguf") == {
+    assert read_header(tmp_path / "m.gguf").metadata == {
         k: v for k, t, v in EVERY_TYPE if t != ARR}
+
+
+def test_header_counts_arrays_and_sizes_tensors_from_their_offsets(tmp_path: Path) -> None:
+    kvs = [("general.alignment", U32, 64), *EVERY_TYPE]
+    infos = b"".join(enc(STR, name) + struct.pack("<I2QIQ", 2, 4, 4, 0, offset)
+                     for name, offset in (("blk.0.w", 128), ("token_embd.weight", 0)))
+    header = gguf(kvs)[:8] + struct.pack("<Q", 2) + gguf(kvs)[16:] + infos  # 2 tensors
+    data = -(-len(header) // 64) * 64
+    (tmp_path / "m.gguf").write_bytes(header.ljust(data + 128 + 300, b"\x00"))
+    found = read_header(tmp_path / "m.gguf")
+    assert found.arrays == {"tokens": 3, "scores": 2, "nested": 2, "empty": 0}
+    assert found.tensors == {"token_embd.weight": 128, "blk.0.w": 300}
+    (tmp_path / "m.gguf").write_bytes(header.ljust(data + 100, b"\x00"))
+    with pytest.raises(GGUFError, match="tensor data past its end"):
+        read_header(tmp_path / "m.gguf")
 
 
 HEADER = b"GGUF" + struct.pack("<IQ", 3, 0)
@@ -84,19 +99,20 @@ HEADER = b"GGUF" + struct.pack("<IQ", 3, 0)
 def test_corrupt_files_raise_gguf_error(tmp_path: Path, data: bytes, message: str) -> None:
     (tmp_path / "bad.gguf").write_bytes(data)
     with pytest.raises(GGUFError, match=message):
-        read_metadata(tmp_path / "bad.gguf")
+        read_header(tmp_path / "bad.gguf")
 
 
 def test_the_real_model(model_path: Path, tmp_path: Path) -> None:
     started = time.perf_counter()
-    kv = read_metadata(model_path)
+    kv = read_header(model_path).metadata
     print(f"read {len(kv)} scalar keys in {(time.perf_counter() - started) * 1000:.0f} ms")
     assert "tokenizer.ggml.tokens" not in kv and kv["tokenizer.ggml.eos_token_id"] == 1
     (tmp_path / model_path.name).symlink_to(model_path)
     assert ModelStore(tmp_path).list() == [ModelMeta(
         id=model_path.stem, path=str(tmp_path / model_path.name), architecture="gemma3",
         file_size=253113024, n_layers=18, context_length=32768, embedding_length=640, n_head=4,
-        n_head_kv=1, key_length=256, value_length=256, chat_template=None, name="Gemma 3 270m")]
+        n_head_kv=1, key_length=256, value_length=256, chat_template=None, name="Gemma 3 270m",
+        n_vocab=262144, input_bytes=178257920, output_bytes=0, layers_bytes=68327424)]
 
 
 def test_missing_numbers_take_their_defaults(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.gguf import GGUFError, read_metadata
+from nodeagent.gguf import GGUFError, read_header
 from nodeagent.hardware import detect, parse_cpuinfo
 from nodeagent.store import ModelStore
 from tests.conftest import MODEL_ID
@@ -16,11 +16,11 @@ from tests.conftest import MODEL_ID
 
 def test_reads_the_default_model_header(model_file: Path) -> None:
     started = time.perf_counter()
-    kv = read_metadata(model_file)
+    kv = read_header(model_file).metadata
     print(f"read {len(kv)} scalar keys in {(time.perf_counter() - started) * 1000:.1f} ms")
     assert kv["general.architecture"] == "gemma3"
     assert kv["gemma3.block_count"] == 18
-    assert "tokenizer.ggml.tokens" not in kv  # arrays are skipped, not parsed
+    assert "tokenizer.ggml.tokens" not in kv  # arrays: only their length, in .arrays
 
 
 def test_store_lists_metadata(models_dir: Path) -> None:
@@ -38,9 +38,9 @@ def test_garbage_and_truncated_files(tmp_path: Path, model_file: Path,
     (tmp_path / "garbage.gguf").write_bytes(b"not a model at all")
     (tmp_path / "cut.gguf").write_bytes(model_file.read_bytes()[:5000])
     with pytest.raises(GGUFError, match="not a GGUF file"):
-        read_metadata(tmp_path / "garbage.gguf")
+        read_header(tmp_path / "garbage.gguf")
     with pytest.raises(GGUFError, match="truncated"):
-        read_metadata(tmp_path / "cut.gguf")
+        read_header(tmp_path / "cut.gguf")
     with caplog.at_level(logging.WARNING):
         assert ModelStore(tmp_path).list() == []
     assert "garbage.gguf" in caplog.text and "cut.gguf" in caplog.text

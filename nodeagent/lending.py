@@ -1,0 +1,182 @@
+"""Lending: this node's devices to other nodes' heads, over llama.cpp RPC through the tunnel.
+
+    POST /node/rpc/lease {model, head_id, head_certificate, device} -> the device's rpc worker
+    (nodeagent/rpcworker.py, on 127.0.0.1) started unless it runs, the head granted at this
+    node's TunnelExit, which relays to it -> {tunnel_port, protocol, device, worker_port}
+
+ggml's RPC server serves one head at a time: one worker and one lease per device, and a head
+reaches one worker here (the exit maps a head to one port).  A lease colliding with another
+(same device or same head; another head or model) is refused (Unavailable, naming the holder)
+while the holder has a tunnel connection open, else the holder is revoked and its worker
+stopped.  The same lease again is granted again.  The reaper ends a lease whose worker died,
+or whose head has had no connection for `idle` seconds since the lease or its last connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from myco.errors import BadRequest, Unavailable
+from myco.identity import Identity, parse_id
+from myco.tls import certificate_id
+from nodeagent import capability, child, rpc, wire
+from nodeagent.hardware import Hardware
+from nodeagent.tunnel import TunnelExit
+
+log = logging.getLogger("myco.node.lending")
+_READY = re.compile(rb"rpc worker listening on 127\.0\.0\.1:(\d+)")
+
+
+class Lease:
+    def __init__(self, head: str, model: str, device: str, process: asyncio.subprocess.Process,
+                 port: int) -> None:
+        self.head, self.model, self.device = head, model, device
+        self.process, self.port = process, port
+        self.seen = time.monotonic()  # the lease, or the last time its head was connected
+        assert process.stdout is not None
+        # ggml writes a line per connection to stdout: read it, or a full pipe stalls the worker
+        self.draining = asyncio.create_task(_drain(process.stdout))
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(1 << 16):
+        pass
+
+
+def _build() -> tuple[rpc.RpcVersion | None, list[str]]:
+    """This build's RPC protocol and ggml's GPU device names (it imports llama.cpp)."""
+    version = rpc.protocol_version()
+    return version, [n for n in rpc.device_names() if n.startswith("CUDA")] if version else []
+
+
+class Lender:
+    def __init__(self, identity: Identity, *, host: str, cache_dir: Path, threads: int,
+                 idle: float, memory_limit: int | None, ready_timeout: float = 30.0) -> None:
+        self.exit = TunnelExit(identity)
+        self.protocol: rpc.RpcVersion | None = None
+        self.leases: dict[str, Lease] = {}  # device -> lease
+        self._host, self._cache_dir, self._threads = host, cache_dir, threads
+        self._idle, self._limit, self._ready_timeout = idle, memory_limit, ready_timeout
+        self._gpus: list[str] = []
+        self._lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Find out what this build can lend; if anything, open the tunnel exit and the reaper."""
+        self.protocol, self._gpus = await asyncio.to_thread(_build)
+        if self.protocol is None:
+            log.info("this llama.cpp build has no RPC (-DGGML_RPC=on): this node lends nothing")
+            return
+        await self.exit.start(self._host)
+        self._reaper = asyncio.create_task(self._reap(min(1.0, self._idle / 4)))
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.exit.close()
+        await asyncio.gather(*(child.stop(lease.process) for lease in self.leases.values()))
+
+    def info(self, hw: Hardware) -> dict[str, Any]:
+        """/node/info's "rpc": the protocol, the tunnel port, each device and what it lends."""
+        if self.protocol is None:
+            return {"protocol": None, "tunnel_port": None, "devices": []}
+        limit = sys.maxsize if self._limit is None else self._limit
+        devices = [{"kind": "cpu", "name": "CPU",
+                    "free_bytes": min(max(0, hw.ram_available - capability.RAM_RESERVE), limit)}]
+        nvidia = [g for g in hw.gpus if g.vendor == "nvidia"]
+        devices += [{"kind": "gpu", "name": f"CUDA{i}", "free_bytes": min(g.memory_free, limit)}
+                    for i, g in enumerate(nvidia) if f"CUDA{i}" in self._gpus]
+        return {"protocol": list(self.protocol), "tunnel_port": self.exit.port,
+                "devices": devices}
+
+    def lent(self) -> list[dict[str, Any]]:
+        return [{"head": lease.head, "model": lease.model, "device": device,
+                 "worker_port": lease.port, "pid": lease.process.pid,
+                 "connections": self.exit.connections(lease.head)}
+                for device, lease in sorted(self.leases.items())]
+
+    async def lease(self, req: wire.LeaseRequest) -> dict[str, Any]:
+        """Lend `req.device` to the head; BadRequest for a bad id, certificate or device,
+        Unavailable without RPC, when the device or the head is in use, or the worker fails."""
+        if self.protocol is None:
+            raise Unavailable("this node's llama.cpp was built without RPC (-DGGML_RPC=on): "
+                              "it lends no device")
+        if req.device not in ("CPU", *self._gpus):
+            raise BadRequest(f"no device {req.device!r} to lend here; this node lends "
+                             f"{', '.join(('CPU', *self._gpus))}", param="device")
+        try:
+            head, found = parse_id(req.head_id), certificate_id(req.head_certificate)
+        except ValueError as exc:
+            raise BadRequest(f"invalid head_id or head_certificate: {exc}") from None
+        if found != head:
+            raise BadRequest(f"head_certificate is {found}, not {head}",
+                             param="head_certificate")
+        async with self._lock:
+            lease = self.leases.get(req.device)
+            if lease is None or not lease.alive or (lease.head, lease.model) != (head, req.model):
+                for other in [x for x in self.leases.values() if head == x.head
+                              or req.device == x.device]:
+                    if other.alive and self.exit.connections(other.head):
+                        raise Unavailable(f"{other.device} of this node is lent to head "
+                                          f"{other.head} for {other.model}, which is using it")
+                    await self._end(other, "replaced" if other.alive else "its worker exited")
+                lease = await self._start_worker(head, req.model, req.device)
+                self.leases[req.device] = lease
+            self.exit.grant(head, req.head_certificate, lease.port)
+            lease.seen = time.monotonic()
+        log.info("lent %s to head %s for %s (rpc worker 127.0.0.1:%d, pid %d)", req.device,
+                 head, req.model, lease.port, lease.process.pid)
+        assert self.protocol is not None
+        return {"tunnel_port": self.exit.port, "protocol": list(self.protocol),
+                "device": req.device, "worker_port": lease.port}
+
+    async def _start_worker(self, head: str, model: str, device: str) -> Lease:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nodeagent.rpcworker", "--port", "0", "--cache-dir",
+            str(self._cache_dir), "--threads", str(self._threads), "--device", device,
+            stdout=asyncio.subprocess.PIPE, env=child.env())
+        assert process.stdout is not None
+        ready = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._ready_timeout):
+                while ready is None and (line := await process.stdout.readline()):
+                    ready = _READY.search(line)
+        if ready is None:
+            await child.stop(process)
+            raise Unavailable(f"the rpc worker for {device} did not start (exit code "
+                              f"{process.returncode}); see the node log")
+        return Lease(head, model, device, process, int(ready[1]))
+
+    async def _end(self, lease: Lease, why: str) -> None:
+        del self.leases[lease.device]
+        self.exit.revoke(lease.head)
+        await child.stop(lease.process)
+        log.info("ended the lease of %s to head %s (%s)", lease.device, lease.head, why)
+
+    async def _reap(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(30), self._lock:
+                    now = time.monotonic()
+                    for lease in list(self.leases.values()):
+                        if not lease.alive:
+                            await self._end(lease, f"its worker exited with "
+                                                   f"{lease.process.returncode}")
+                        elif self.exit.connections(lease.head):
+                            lease.seen = now
+                        elif now - lease.seen >= self._idle:
+                            await self._end(lease, f"no connection for {self._idle:g} s")
+            except Exception:
+                log.exception("reaping leases failed; trying again")
