@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -103,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.split_swarm")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
     parser.add_argument("--role", help=argparse.SUPPRESS)  # plain-worker / plain-head, inside
     parser.add_argument("--args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,7 +119,19 @@ def main() -> None:
 
     models = default_models_dir()
     with tempfile.TemporaryDirectory() as tmp, netns.Lan() as lan:
-        print(json.dumps(run(lan, Path(tmp), models, args), indent=2))
+        r = run(lan, Path(tmp), models, args)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"split over 2 workers on other hosts: n_gpu_layers {r['n_gpu_layers']}, tensor_split "
+          f"{r['tensor_split']}; {r['tokens']} tokens, greedy, {r['rounds']} rounds")
+    for side in ("plain", "direct", "swarm"):
+        rates = ", ".join(f"{x:.1f}" for x in r["decode_tok_s_all"][side])
+        loads = ", ".join(f"{x:.2f}" for x in r["load_s_all"][side])
+        print(f"{side:>6}: decode tok/s {rates} (best {r['decode_tok_s_best'][side]:.1f}); "
+              f"load s {loads}")
+    print(f"ratios of best decode rates: direct/plain {r['ratio_direct_plain']} (target >= 0.95), "
+          f"swarm/plain {r['ratio_swarm_plain']} (target >= 0.90)")
 
 
 def run(lan: netns.Lan, tmp: Path, models: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -211,7 +223,7 @@ def run(lan: netns.Lan, tmp: Path, models: Path, args: argparse.Namespace) -> di
     return {"tokens": args.tokens, "rounds": args.rounds, "n_gpu_layers": ngl,
             "tensor_split": split, "decode_tok_s_best": best,
             "decode_tok_s_all": sides,
-            "load_s_median": {k: statistics.median(v) for k, v in loads.items()},
+            "load_s_all": loads,
             "ratio_direct_plain": round(best["direct"] / best["plain"], 3),
             "ratio_swarm_plain": round(best["swarm"] / best["plain"], 3),
             "targets": {"ratio_direct_plain": ">= 0.95", "ratio_swarm_plain": ">= 0.90"}}
