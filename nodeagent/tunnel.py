@@ -25,12 +25,11 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 import time
 from typing import Any, Self
 
 from myco import tls
-from myco.identity import Identity, id_of
+from myco.identity import Identity
 
 log = logging.getLogger("myco.node.tunnel")
 CHUNK = 256 * 1024
@@ -183,7 +182,7 @@ class TunnelExit(_Listener):
 
         ValueError if the certificate's id is not `peer_id`.
         """
-        found = id_of(ssl.PEM_cert_to_DER_cert(peer_cert_pem))
+        found = tls.certificate_id(peer_cert_pem)
         if found != peer_id:
             raise ValueError(f"the certificate is {found}, not {peer_id}")
         self._context.load_verify_locations(cadata=peer_cert_pem)  # OpenSSL can only add
