@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from gateway.placement import ModelShape
+from gateway.placement import COMPUTE_BYTES, ModelShape
 from myco.identity import load_or_create
 from myco.tls import client_context
 from nodeagent import pairing
@@ -40,7 +40,6 @@ from tests.procs import Proc, myco
 
 MODEL = "gemma-3-270m-q4_k_m"
 PROMPT = "The three primary colours are"
-COMPUTE = 256 * 1024**2  # the planner's compute buffer per device
 
 
 def limits(shape: ModelShape) -> dict[str, int]:
@@ -48,10 +47,10 @@ def limits(shape: ModelShape) -> dict[str, int]:
     the output and two layers, `wc` every layer but not the output: only both together."""
     per = shape.layer_bytes + shape.kv_bytes_per_layer
     tail, margin = shape.output_bytes + shape.logits_bytes, per // 2
-    return {"head": COMPUTE + shape.input_bytes + margin,
-            "wa": COMPUTE + tail + shape.n_layers * per + margin,
-            "wb": COMPUTE + tail + 2 * per + margin,
-            "wc": COMPUTE + shape.n_layers * per + margin}
+    return {"head": COMPUTE_BYTES + shape.input_bytes + margin,
+            "wa": COMPUTE_BYTES + tail + shape.n_layers * per + margin,
+            "wb": COMPUTE_BYTES + tail + 2 * per + margin,
+            "wc": COMPUTE_BYTES + shape.n_layers * per + margin}
 
 
 def decode_rate(stamps: list[float]) -> float:

@@ -73,7 +73,6 @@ class Gateway:
                  environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.policy = policy
-        self.identity = identity
         self.keys = client_keys(policy, environ)
         self.upstream_keys = {u.name: environ.get(u.api_key_env, "")
                               for u in policy.upstreams.values() if u.api_key_env}

@@ -22,14 +22,6 @@ from zeroconf.const import _CLASS_IN, _TYPE_PTR
 
 from gateway.policy import Policy
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
 log = logging.getLogger("myco.gateway.discovery")
 SERVICE = "_myco._tcp.local."
 
@@ -113,6 +105,14 @@ class Discovery:
             task.cancel()
         if self._zc is not None:
             await self._zc.async_close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def judge(found: Discovered, policy: Policy) -> tuple[str | None, str]:
