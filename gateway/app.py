@@ -21,14 +21,13 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 
 from gateway.audit import AuditEntry, AuditLog
-from gateway.discovery import Discovered, Discovery, judge
 from gateway.egress import Egress, EgressDenied
 from gateway.placement import Plan
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
-from gateway.swarm import SwarmWatcher, Unreachable
-from gateway.upstream import Endpoint, UpstreamPool, WrongPeer
+from gateway.membership import Membership
+from gateway.upstream import Endpoint, UpstreamPool
 from gateway.wire import DryRunFields, RoutingFields, decode
 from myco.errors import (
     Denied,
@@ -82,126 +81,14 @@ class Gateway:
                                  node_tls=client_context(identity), node_id=identity.id)
         self.upstreams = {u.name: Endpoint.from_url(u.base_url)
                           for u in policy.upstreams.values()}
-        # host:port of each node: from the policy, or from discovery for nodes listed by id.
-        self.addresses: dict[str, str | None] = {n.name: n.address
-                                                 for n in policy.nodes.values()}
-        self.watcher = SwarmWatcher(policy.nodes, self._node_info,
-                                    interval=settings.health_interval,
-                                    timeout=settings.health_timeout, on_unhealthy=self._lost)
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
-        self.discovery = Discovery(settings.discover, on_found=self._found,
-                                   on_left=self._left) if settings.discover else None
-        self.impostors: dict[str, str] = {}  # mDNS key -> why its certificate failed the check
-        self._checks: set[asyncio.Task[None]] = set()
-        self._recorded: set[tuple[str, str]] = set()
+        self.members = Membership(settings, policy, self.pool, self.egress, self.audit)
 
     def endpoint(self, target: str) -> Endpoint | None:
         """Where to send to `target` now (None: a node whose address is not known yet)."""
         if target in self.upstreams:
             return self.upstreams[target]
-        address = self.addresses[target]
-        return Endpoint.for_node(address, self.policy.nodes[target].id) if address else None
-
-    async def _node_info(self, name: str) -> bytes:
-        endpoint = self.endpoint(name)
-        if endpoint is None:
-            raise Unreachable("not discovered yet (listed by id; no mDNS announcement seen)")
-        return await self._info_at(endpoint)
-
-    async def _info_at(self, endpoint: Endpoint) -> bytes:
-        status, body = await self.pool.call(endpoint, "/node/info", self.settings.health_timeout)
-        if status != 200:
-            raise ValueError(f"/node/info answered {status}")
-        return body
-
-    def _lost(self, name: str, reason: str) -> None:
-        """A healthy node failed its health check: fail what is in flight to it now."""
-        endpoint = self.endpoint(name)
-        if endpoint is not None:
-            self.pool.abort(endpoint.host, endpoint.port, f"node {name} is unhealthy: {reason}")
-
-    def judged(self) -> list[tuple[Discovered, str | None, str]]:
-        """Every discovered node: (it, the policy's name for it or None, why).  A node is
-        rejected if the policy does not list it, if its name or id is pinned elsewhere, or if
-        its certificate is not the id it announces."""
-        if self.discovery is None:
-            return []
-        out = []
-        for key, found in sorted(self.discovery.nodes.items()):
-            listed, why = judge(found, self.policy)
-            if key in self.impostors:
-                listed, why = None, self.impostors[key]
-            out.append((found, listed, why))
-        return out
-
-    def strangers(self) -> list[tuple[str, str]]:
-        return [(f"{found.name} ({found.id})", why)
-                for found, listed, why in self.judged() if listed is None]
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
-
-    def _reject(self, found: Discovered, why: str) -> None:
-        """Record a discovered node that will never be routed to, once, in the audit log."""
-        if (found.name, found.id) in self._recorded:
-            return
-        self._recorded.add((found.name, found.id))
-        self.audit.record(AuditEntry(
-            time=time.time(), request_id="", endpoint="discovery", model=None, client=None,
-            rule="none", target=f"{found.name} ({found.id})", status=403, latency_ms=0.0,
-            reason=f"discovered at {', '.join(found.addresses)}:{found.port}: {why}"))
-
-    def _found(self, found: Discovered) -> None:
-        """A listed node announced itself: check it now rather than at the next poll (at the
-        announced address, if the policy leaves the address to discovery).  One the policy
-        does not list is recorded in the audit log, once, and never routed to."""
-        listed, why = judge(found, self.policy)
-        if listed is None:
-            self._reject(found, why)
-        elif self.policy.nodes[listed].address is None and found.addresses:
-            self._spawn(self._adopt(listed, found))
-        else:
-            self._spawn(self.watcher.check_some([listed]))
-
-    async def _adopt(self, name: str, found: Discovered) -> None:
-        """Use an announced address for `name` once the certificate there has its id (or,
-        while it has no address yet, one that does not answer: every connection is pinned,
-        and the health checks say why).  Every address is tried: anyone can announce records
-        for a node's host name."""
-        pin, mismatches, silent = self.policy.nodes[name].id, [], None
-        for host in found.addresses:
-            self.egress.allow(host, found.port)
-            try:
-                await self._info_at(Endpoint.for_node(f"{host}:{found.port}", pin))
-            except WrongPeer as exc:
-                mismatches.append(str(exc))
-                continue
-            except httpx.HTTPError:
-                silent = silent or host
-                continue
-            self._use(name, f"{host}:{found.port}", found)
-            await self.watcher.check_some([name])
-            return
-        if silent is not None and self.addresses[name] is None:
-            self._use(name, f"{silent}:{found.port}", found)
-            await self.watcher.check_some([name])
-        elif mismatches and len(mismatches) == len(found.addresses):
-            why = f"identity mismatch: announces the id of {name!r}, but " + "; ".join(mismatches)
-            self.impostors[found.key] = why
-            self._reject(found, why)
-
-    def _use(self, name: str, address: str, found: Discovered) -> None:
-        self.impostors.pop(found.key, None)
-        self.addresses[name] = address
-
-    def _left(self, found: Discovered) -> None:
-        """A node said goodbye: stop routing to it now (its next good check brings it back)."""
-        self.impostors.pop(found.key, None)
-        listed, _ = judge(found, self.policy)
-        if listed is not None:
-            self.watcher.mark_failed(listed, "left the network (mDNS goodbye)")
+        return self.members.endpoint(target)
 
     def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
         if not self.keys:
@@ -232,7 +119,8 @@ class Gateway:
             client = self.authenticate(request)
             fields = decode(raw, RoutingFields)
             decision = resolve(RoutingRequest(endpoint, fields.model, client, fields.has_tools),
-                               self.policy, self.watcher.views, self.strangers())
+                               self.policy, self.members.views,
+                               self.members.strangers())
             if not decision.allowed:
                 raise _REFUSALS[decision.status](decision.message)
             failures: list[str] = []
@@ -251,7 +139,7 @@ class Gateway:
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     failures.append(f"{target}: cannot connect ({exc})")
                     if target in self.policy.nodes:
-                        self.watcher.mark_failed(target, f"connection failed: {exc}")
+                        self.members.mark_failed(target, f"connection failed: {exc}")
                     continue
                 except httpx.HTTPError as exc:
                     raise TargetFailed(f"{target} failed: {type(exc).__name__}: {exc}") from None
@@ -281,14 +169,14 @@ class Gateway:
         devices = [d for d in plan.devices if d.role == "worker"]
         if not devices:
             return {}
-        head_info = self.watcher.infos.get(plan.head)
-        head_pem = head_info.certificate if head_info else ""
-        head_id = self.node_id(plan.head)
+        head_pem = self.members.certificate(plan.head)
+        head_id = self.members.node_id(plan.head)
         if not head_pem or head_id is None or certificate_id(head_pem) != head_id:
             raise Unavailable(f"head {plan.head} has not shown a certificate with its id yet")
         workers = []
         for device in devices:
-            where, worker_id = self.endpoint(device.node), self.node_id(device.node)
+            where = self.endpoint(device.node)
+            worker_id = self.members.node_id(device.node)
             if where is None or worker_id is None:
                 raise Unavailable(f"worker {device.node} has no known address or id")
             body = msgspec.json.encode({"model": model, "head_id": head_id,
@@ -309,11 +197,6 @@ class Gateway:
             "n_gpu_layers": plan.n_gpu_layers, "tensor_split": plan.tensor_split,
             "workers": workers}).decode()}
 
-    def node_id(self, name: str) -> str | None:
-        """The id `name` proved: the one the policy pins, else (a loopback node) its own."""
-        info = self.watcher.infos.get(name)
-        return self.policy.nodes[name].id or (info.id if info else None)
-
     def _record(self, started: float, request_id: str, endpoint: str,
                 fields: RoutingFields | None, client: str | None, decision: Decision | None,
                 target: str | None, status: int, reason: str | None, raw: bytes) -> None:
@@ -328,36 +211,24 @@ class Gateway:
         client = self.authenticate(request)
         fields = decode(raw, DryRunFields)
         routing = RoutingRequest(fields.endpoint, fields.model, client, fields.has_tools)
-        decision = resolve(routing, self.policy, self.watcher.views, self.strangers())
+        decision = resolve(routing, self.policy, self.members.views,
+                               self.members.strangers())
         return {"request": msgspec.to_builtins(routing), "rule_name": decision.rule_name,
                 **msgspec.to_builtins(decision)}
 
     def models(self, client: str | None) -> list[dict[str, Any]]:
         """Models the policy makes reachable for `client`, with the targets that serve each."""
         served: dict[str, list[str]] = {}
-        offers = [(name, view.models or frozenset()) for name, view in self.watcher.views.items()]
+        offers = [(name, view.models or frozenset()) for name, view in self.members.views.items()]
         offers += [(u.name, frozenset(u.models or ())) for u in self.policy.upstreams.values()]
         for target, models in offers:
             for model in sorted(models):
                 decisions = [resolve(RoutingRequest(kind, model, client), self.policy,
-                                     self.watcher.views) for kind in ENDPOINT_KINDS]
+                                     self.members.views) for kind in ENDPOINT_KINDS]
                 if any(c.target == target for d in decisions for c in d.candidates):
                     served.setdefault(model, []).append(target)
         return [{"id": model, "object": "model", "created": 0, "owned_by": targets[0],
                  "targets": targets} for model, targets in sorted(served.items())]
-
-    def swarm(self) -> list[dict[str, Any]]:
-        out = []
-        for name, node in self.policy.nodes.items():
-            view = self.watcher.views[name]
-            info = self.watcher.infos.get(name)
-            out.append({"name": name, "address": self.addresses[name], "id": node.id,
-                        "healthy": view.healthy,
-                        "reason": view.reason, "models": sorted(view.models or ()),
-                        "loaded": info.loaded if info else [], "queue": info.queue if info else {},
-                        "splits": info.splits if info else {}, "lent": info.lent if info else [],
-                        "role": info.capabilities.role if info else None})
-        return out
 
 
 def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
@@ -366,15 +237,11 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        await gateway.watcher.start()
-        if gateway.discovery is not None:
-            await gateway.discovery.start()
+        await gateway.members.start()
         try:
             yield
         finally:
-            if gateway.discovery is not None:
-                await gateway.discovery.stop()
-            await gateway.watcher.stop()
+            await gateway.members.stop()
             await gateway.pool.aclose()
             gateway.audit.close()
 
@@ -407,14 +274,12 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
     @get("/v1/swarm")
     async def swarm(request: Request[Any, Any, Any]) -> dict[str, Any]:
         gateway.authenticate(request)
-        discovered = [{**msgspec.to_builtins(found), "listed_as": listed, "status": why}
-                      for found, listed, why in gateway.judged()]
-        return {"nodes": gateway.swarm(), "discovered": discovered}
+        return gateway.members.swarm()
 
     @get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "policy": policy.source, "id": identity.id,
-                "nodes": {n: v.healthy for n, v in gateway.watcher.views.items()}}
+                "nodes": {n: v.healthy for n, v in gateway.members.views.items()}}
 
     @get("/v1/identity")
     async def show_identity() -> dict[str, Any]:

@@ -1,0 +1,195 @@
+"""Membership: which listed nodes are where, healthy, and who they are.
+
+`Membership` owns the gateway's knowledge of its nodes: the address of each (from the policy,
+or from mDNS discovery for nodes listed by id), the health watcher that polls `/node/info`, and
+the judgement of discovered nodes (listed, a stranger, or an impostor whose certificate is not
+the id it announces).  The data path (gateway/app.py) asks it two things: `endpoint(name)`,
+where to send to a node now, and `views`/`strangers()`, what `resolve` decides on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import httpx
+import msgspec
+
+from gateway.audit import AuditEntry, AuditLog
+from gateway.discovery import Discovered, Discovery, judge
+from gateway.egress import Egress
+from gateway.policy import Policy
+from gateway.resolve import NodeView
+from gateway.settings import GatewaySettings
+from gateway.swarm import SwarmWatcher, Unreachable
+from gateway.upstream import Endpoint, UpstreamPool, WrongPeer
+
+
+class Membership:
+    def __init__(self, settings: GatewaySettings, policy: Policy, pool: UpstreamPool,
+                 egress: Egress, audit: AuditLog) -> None:
+        self.settings, self.policy = settings, policy
+        self.pool, self.egress, self.audit = pool, egress, audit
+        # host:port of each node: from the policy, or from discovery for nodes listed by id.
+        self.addresses: dict[str, str | None] = {n.name: n.address
+                                                 for n in policy.nodes.values()}
+        self.watcher = SwarmWatcher(policy.nodes, self._node_info,
+                                    interval=settings.health_interval,
+                                    timeout=settings.health_timeout, on_unhealthy=self._lost)
+        self.discovery = Discovery(settings.discover, on_found=self._found,
+                                   on_left=self._left) if settings.discover else None
+        self.impostors: dict[str, str] = {}  # mDNS key -> why its certificate failed the check
+        self._checks: set[asyncio.Task[None]] = set()
+        self._recorded: set[tuple[str, str]] = set()
+
+    async def start(self) -> None:
+        await self.watcher.start()
+        if self.discovery is not None:
+            await self.discovery.start()
+
+    async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await self.watcher.stop()
+
+    @property
+    def views(self) -> dict[str, NodeView]:
+        return self.watcher.views
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        """Where to reach node `name` now (None: listed by id, not discovered yet)."""
+        address = self.addresses[name]
+        return Endpoint.for_node(address, self.policy.nodes[name].id) if address else None
+
+    def node_id(self, name: str) -> str | None:
+        """The id `name` proved: the one the policy pins, else (a loopback node) its own."""
+        info = self.watcher.infos.get(name)
+        return self.policy.nodes[name].id or (info.id if info else None)
+
+    def certificate(self, name: str) -> str:
+        info = self.watcher.infos.get(name)
+        return info.certificate if info else ""
+
+    async def _node_info(self, name: str) -> bytes:
+        endpoint = self.endpoint(name)
+        if endpoint is None:
+            raise Unreachable("not discovered yet (listed by id; no mDNS announcement seen)")
+        return await self._info_at(endpoint)
+
+    async def _info_at(self, endpoint: Endpoint) -> bytes:
+        status, body = await self.pool.call(endpoint, "/node/info", self.settings.health_timeout)
+        if status != 200:
+            raise ValueError(f"/node/info answered {status}")
+        return body
+
+    def _lost(self, name: str, reason: str) -> None:
+        """A healthy node failed its health check: fail what is in flight to it now."""
+        endpoint = self.endpoint(name)
+        if endpoint is not None:
+            self.pool.abort(endpoint.host, endpoint.port, f"node {name} is unhealthy: {reason}")
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        self.watcher.mark_failed(name, reason)
+
+    def judged(self) -> list[tuple[Discovered, str | None, str]]:
+        """Every discovered node: (it, the policy's name for it or None, why).  A node is
+        rejected if the policy does not list it, if its name or id is pinned elsewhere, or if
+        its certificate is not the id it announces."""
+        if self.discovery is None:
+            return []
+        out = []
+        for key, found in sorted(self.discovery.nodes.items()):
+            listed, why = judge(found, self.policy)
+            if key in self.impostors:
+                listed, why = None, self.impostors[key]
+            out.append((found, listed, why))
+        return out
+
+    def strangers(self) -> list[tuple[str, str]]:
+        return [(f"{found.name} ({found.id})", why)
+                for found, listed, why in self.judged() if listed is None]
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def _reject(self, found: Discovered, why: str) -> None:
+        """Record a discovered node that will never be routed to, once, in the audit log."""
+        if (found.name, found.id) in self._recorded:
+            return
+        self._recorded.add((found.name, found.id))
+        self.audit.record(AuditEntry(
+            time=time.time(), request_id="", endpoint="discovery", model=None, client=None,
+            rule="none", target=f"{found.name} ({found.id})", status=403, latency_ms=0.0,
+            reason=f"discovered at {', '.join(found.addresses)}:{found.port}: {why}"))
+
+    def _found(self, found: Discovered) -> None:
+        """A listed node announced itself: check it now rather than at the next poll (at the
+        announced address, if the policy leaves the address to discovery).  One the policy
+        does not list is recorded in the audit log, once, and never routed to."""
+        listed, why = judge(found, self.policy)
+        if listed is None:
+            self._reject(found, why)
+        elif self.policy.nodes[listed].address is None and found.addresses:
+            self._spawn(self._adopt(listed, found))
+        else:
+            self._spawn(self.watcher.check_some([listed]))
+
+    async def _adopt(self, name: str, found: Discovered) -> None:
+        """Use an announced address for `name` once the certificate there has its id (or,
+        while it has no address yet, one that does not answer: every connection is pinned,
+        and the health checks say why).  Every address is tried: anyone can announce records
+        for a node's host name."""
+        pin, mismatches, silent = self.policy.nodes[name].id, [], None
+        for host in found.addresses:
+            self.egress.allow(host, found.port)
+            try:
+                await self._info_at(Endpoint.for_node(f"{host}:{found.port}", pin))
+            except WrongPeer as exc:
+                mismatches.append(str(exc))
+                continue
+            except httpx.HTTPError:
+                silent = silent or host
+                continue
+            self._use(name, f"{host}:{found.port}", found)
+            await self.watcher.check_some([name])
+            return
+        if silent is not None and self.addresses[name] is None:
+            self._use(name, f"{silent}:{found.port}", found)
+            await self.watcher.check_some([name])
+        elif mismatches and len(mismatches) == len(found.addresses):
+            why = f"identity mismatch: announces the id of {name!r}, but " + "; ".join(mismatches)
+            self.impostors[found.key] = why
+            self._reject(found, why)
+
+    def _use(self, name: str, address: str, found: Discovered) -> None:
+        self.impostors.pop(found.key, None)
+        self.addresses[name] = address
+
+    def _left(self, found: Discovered) -> None:
+        """A node said goodbye: stop routing to it now (its next good check brings it back)."""
+        self.impostors.pop(found.key, None)
+        listed, _ = judge(found, self.policy)
+        if listed is not None:
+            self.watcher.mark_failed(listed, "left the network (mDNS goodbye)")
+
+    def swarm(self) -> dict[str, Any]:
+        """GET /v1/swarm: every listed node as the gateway sees it, and what discovery found."""
+        nodes = []
+        for name, node in self.policy.nodes.items():
+            view = self.watcher.views[name]
+            info = self.watcher.infos.get(name)
+            nodes.append({"name": name, "address": self.addresses[name], "id": node.id,
+                          "healthy": view.healthy,
+                          "reason": view.reason, "models": sorted(view.models or ()),
+                          "loaded": info.loaded if info else [],
+                          "queue": info.queue if info else {},
+                          "splits": info.splits if info else {},
+                          "lent": info.lent if info else [],
+                          "role": info.capabilities.role if info else None})
+        discovered = [{**msgspec.to_builtins(found), "listed_as": listed, "status": why}
+                      for found, listed, why in self.judged()]
+        return {"nodes": nodes, "discovered": discovered}
