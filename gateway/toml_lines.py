@@ -7,16 +7,21 @@ subset of TOML that policy files use, and falls back to the nearest enclosing ke
 
 from __future__ import annotations
 
+import json
 import re
 
 Path = tuple[str | int, ...]
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_\"'-]+)*)\s*=")
+_PART = r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)"""
+_KEY = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=")
+_PARTS = re.compile(r"""\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*(?:\.|$)""")
 
 
 def _split_dotted(text: str) -> list[str]:
-    return [part.strip().strip("\"'") for part in text.split(".")]
+    """`nodes."pi.lan"` -> ["nodes", "pi.lan"]: dots inside quotes belong to the key."""
+    return [json.loads(f'"{basic}"') if basic else literal or bare
+            for basic, literal, bare in _PARTS.findall(text)]
 
 
 def index_lines(text: str) -> dict[Path, int]:

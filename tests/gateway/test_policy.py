@@ -65,6 +65,11 @@ def test_good_policy_parses_in_order() -> None:
      "nodes.ws: give `id` (what `myco node id` prints on that machine), `address`, or both"),
     (GOOD.replace('address = "127.0.0.1:9001"', 'address = "127.0.0.1:9001"\nid = "ABC-DEF"'),
      3, "nodes.ws.id: 'ABC-DEF' is not a mycoSwarm id"),
+    # Quoted keys, as `myco policy allow` writes for host names with dots.
+    (GOOD.replace('[nodes.ws]\naddress = "127.0.0.1:9001"',
+                  '[nodes."pi.lan"]\naddress = "127.0.0.1:9001"\nid = "ABC-DEF"')
+         .replace('"ws", "lan"', '"pi.lan", "lan"'),
+     3, "nodes.pi.lan.id: 'ABC-DEF' is not a mycoSwarm id"),
 ])
 def test_mistakes_name_file_line_and_reason(text: str, line: int | None, reason: str) -> None:
     with pytest.raises(PolicyError) as caught:
