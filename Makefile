@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test lint setup model clean
+.PHONY: up test test-fast lint setup model clean
 
 $(VENV)/.base: pyproject.toml scripts/llama-wheel.sh
 	@echo ">> creating $(VENV)"
@@ -37,6 +37,10 @@ lint: $(VENV)/.test
 
 test: lint model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The pure and loopback tier, for every edit: no model, no network namespaces (under 30 s).
+test-fast: $(VENV)/.test
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

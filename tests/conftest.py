@@ -100,3 +100,15 @@ def node_policy(address: str, name: str = "local") -> str:
 def gateway(node: Proc, start_gateway: PolicyFactory) -> Proc:
     """A gateway with the default policy's shape, in front of the session's real node."""
     return start_gateway(node_policy(node.address))
+
+
+# The fast tier (`make test-fast`): everything that needs neither the model nor network
+# namespaces.  A test is slow when it uses one of these fixtures (directly or through another)
+# or says so with @pytest.mark.slow; the mark is derived here so it cannot drift.
+SLOW_FIXTURES = frozenset({"node", "gateway", "model_file", "models_dir", "model_path", "lan"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
