@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from gateway.placement import COMPUTE_BYTES, ModelShape
 from myco.identity import load_or_create
+from myco.protocol import COMPUTE_BYTES, ModelShape
 from myco.tls import client_context
 from nodeagent import pairing
 from tests import netns

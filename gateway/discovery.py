@@ -21,9 +21,10 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from zeroconf.const import _CLASS_IN, _TYPE_PTR
 
 from gateway.policy import Policy
+from myco.protocol import SERVICE
 
 log = logging.getLogger("myco.gateway.discovery")
-SERVICE = "_myco._tcp.local."
+
 
 
 class Discovered(msgspec.Struct, frozen=True):

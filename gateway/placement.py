@@ -17,7 +17,7 @@ Which plan wins (`PREFERENCES`, compared in order):
 8. More free memory on the devices that hold layers.
 9. Tie-break by node names: the head, then the workers.
 
-How a plan is laid out (llama.cpp's rules; see nodeagent/split.py):
+How a plan is laid out (llama.cpp's rules; see myco/layers.py):
 - Devices in llama.cpp's order: the head's CPU, the worker devices (RPC0, RPC1, ... in
   registration order: slowest first, so the fastest holds the output layer), the head's GPUs.
 - The head's CPU holds the token embedding and the first layers; the last device that gets
@@ -39,19 +39,10 @@ from typing import Literal
 
 import msgspec
 
-from nodeagent.split import layer_split
+from myco.layers import layer_split
+from myco.protocol import COMPUTE_BYTES, Device, DeviceKind, MiB, ModelShape, RpcVersion
 
-DeviceKind = Literal["gpu", "cpu"]
-RpcVersion = tuple[int, int, int]
-MiB = 1024**2
-COMPUTE_BYTES = 256 * MiB  # llama.cpp's scratch buffers per device, roughly (capability.py)
 MAX_WORKERS = 16  # GGML_RPC_MAX_SERVERS
-
-
-class Device(msgspec.Struct, frozen=True):
-    kind: DeviceKind
-    name: str  # "CPU", "CUDA0": what the node's rpc worker serves with --device
-    free_bytes: int  # what the node lends for this model
 
 
 class SplitNode(msgspec.Struct, frozen=True):
@@ -61,21 +52,6 @@ class SplitNode(msgspec.Struct, frozen=True):
     # A worker: one rpc worker per device.  A head: its CPU and every local GPU in llama.cpp's
     # order (free_bytes 0 when not lent), since llama.cpp lists them all after the RPC devices.
     devices: tuple[Device, ...]
-
-
-class ModelShape(msgspec.Struct, frozen=True):
-    n_layers: int  # repeating layers ({arch}.block_count)
-    layer_bytes: int  # weights of one repeating layer
-    kv_bytes_per_layer: int  # at the context the head will use
-    input_bytes: int = 0  # token embedding: always on the head's CPU
-    output_bytes: int = 0  # output head, on the last device (a copy when tied to the input)
-    logits_bytes: int = 0  # n_vocab x n_ubatch x 4: compute buffer beside the output head
-
-    @classmethod
-    def estimate(cls, file_size: int, n_layers: int, kv_bytes_per_layer: int) -> ModelShape:
-        """From the file size alone: input, each layer and the output weigh the same."""
-        piece = -(-file_size // (n_layers + 2))
-        return cls(n_layers, piece, kv_bytes_per_layer, piece, piece)
 
 
 class PlacedDevice(msgspec.Struct, frozen=True):

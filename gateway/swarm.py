@@ -15,52 +15,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
 import httpx
 import msgspec
 
-from gateway.placement import Device, ModelShape
 from gateway.resolve import NodeView
+from myco.protocol import NodeInfo
 
 log = logging.getLogger("myco.gateway.swarm")
 
 
-class _ModelFit(msgspec.Struct):
-    model: str
-    fit: str
-
-
-class _Capabilities(msgspec.Struct):
-    role: str = ""
-    models: list[_ModelFit] = []
-
-
-class _Rpc(msgspec.Struct):
-    protocol: tuple[int, int, int] | None = None
-    tunnel_port: int | None = None
-    devices: tuple[Device, ...] = ()
-
-
-class NodeInfo(msgspec.Struct):
-    """The fields of a node's `/node/info` the gateway reads."""
-
-    name: str = ""
-    id: str = ""
-    certificate: str = ""
-    models: list[dict[str, Any]] = []
-    capabilities: _Capabilities = msgspec.field(default_factory=_Capabilities)
-    loaded: list[str] = []
-    queue: dict[str, int] = {}
-    rpc: _Rpc = msgspec.field(default_factory=_Rpc)
-    shapes: dict[str, ModelShape] = {}
-    splits: dict[str, Any] = {}
-    lent: list[Any] = []
-
-
 def view_from_info(name: str, info: NodeInfo) -> NodeView:
     fits = {f.model: f.fit for f in info.capabilities.models}
-    stored = frozenset(str(m["id"]) for m in info.models)
+    stored = frozenset(str(m.get("id")) for m in info.models)
     served = frozenset(m for m in stored if fits.get(m) != "none")
     return NodeView(name, True, served, stored=stored, shapes=info.shapes,
                     rpc=info.rpc.protocol, lends=info.rpc.devices)

@@ -24,10 +24,10 @@ class Identity(msgspec.Struct, frozen=True):
     id: str
     cert_path: str
     key_path: str
+    certificate: str  # the certificate (public), as PEM, read once
 
     def pem(self) -> str:
-        """The certificate (public), as PEM."""
-        return Path(self.cert_path).read_text(encoding="ascii")
+        return self.certificate
 
 
 def _luhn32(chunk: str) -> str:
@@ -81,6 +81,7 @@ def load_or_create(state_dir: Path, common_name: str) -> Identity:
                                       serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    pem = cert_path.read_bytes()
+    cert = x509.load_pem_x509_certificate(pem)
     return Identity(id_of(cert.public_bytes(serialization.Encoding.DER)), str(cert_path),
-                    str(key_path))
+                    str(key_path), pem.decode("ascii"))

@@ -13,8 +13,10 @@ from collections.abc import Awaitable
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
+from myco.protocol import SERVICE
+
 log = logging.getLogger("myco.node.announce")
-SERVICE = "_myco._tcp.local."
+
 PROTOCOL = "1"
 
 

@@ -2,59 +2,28 @@
 
 For each model: does it fit in GPU memory, in RAM, or not at all (weights + KV cache for the
 configured context + a compute buffer).  For the node: a coarse role, from an ordered table of
-rules where the first that holds wins.  For a split across nodes: each model's `Shape`, what
-the gateway's planner (gateway/placement.py, `ModelShape`) needs to know of it.
+rules where the first that holds wins.  For a split across nodes: each model's `ModelShape`,
+what the gateway's planner (gateway/placement.py) needs to know of it.
 
-How to add a role: add it to `Role`, put a `_RoleRule(role, holds)` in `ROLE_RULES` above the
-first rule it should win over (order is priority; `holds` gets the usable GPU and RAM bytes), and
-add a hardware profile for it to tests/nodeagent/test_capability*.py.
+How to add a role: add it to `myco.protocol.Role`, put a `_RoleRule(role, holds)` in
+`ROLE_RULES` above the first rule it should win over (order is priority; `holds` gets the usable
+GPU and RAM bytes), and add a hardware profile for it to tests/nodeagent/test_capability.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import msgspec
 
+from myco.protocol import COMPUTE_BYTES, Capabilities, Fit, ModelFit, ModelShape, Role
 from nodeagent.hardware import Hardware
 from nodeagent.store import ModelMeta
 
-Fit = Literal["gpu", "ram", "none"]
-Role = Literal["coordinator", "embeddings", "small-chat", "large-chat"]
-
 GiB = 1024**3
-COMPUTE_BUFFER = 256 * 1024**2  # llama.cpp's scratch buffers, roughly, for small batches
 RAM_RESERVE = 1 * GiB  # left for the OS and the node agent itself
 APPLE_GPU_SHARE = 0.75  # Metal's recommended working set is about 3/4 of unified memory
 N_UBATCH = 512  # llama.cpp's default micro-batch: the logits buffer holds this many tokens
-
-
-class ModelFit(msgspec.Struct, frozen=True):
-    model: str
-    fit: Fit
-    need_bytes: int
-    weights_bytes: int
-    kv_cache_bytes: int
-    reason: str
-
-
-class Capabilities(msgspec.Struct, frozen=True):
-    role: Role
-    gpu_memory: int  # usable for one model
-    ram_memory: int
-    models: tuple[ModelFit, ...]
-
-
-class Shape(msgspec.Struct, frozen=True):
-    """gateway.placement.ModelShape's fields, as /node/info reports them."""
-
-    n_layers: int  # repeating layers
-    layer_bytes: int  # weights of one repeating layer (on average)
-    kv_bytes_per_layer: int
-    input_bytes: int  # token embedding
-    output_bytes: int  # output head (the token embedding again when tied to it)
-    logits_bytes: int  # n_vocab x n_ubatch x 4
 
 
 class _RoleRule(msgspec.Struct, frozen=True):
@@ -83,7 +52,7 @@ def kv_cache_bytes(meta: ModelMeta, n_ctx: int) -> int:
     return meta.n_layers * kv_cache_bytes_per_layer(meta, n_ctx)
 
 
-def shape(meta: ModelMeta, n_ctx: int) -> Shape:
+def shape(meta: ModelMeta, n_ctx: int) -> ModelShape:
     """From the tensor sizes in the file; without them, the file spread evenly over the layers,
     the input and the output (as ModelShape.estimate does)."""
     n = max(meta.n_layers, 1)
@@ -91,7 +60,7 @@ def shape(meta: ModelMeta, n_ctx: int) -> Shape:
     if meta.input_bytes and meta.layers_bytes:
         layer, inputs = -(-meta.layers_bytes // n), meta.input_bytes
         output = meta.output_bytes or meta.input_bytes
-    return Shape(meta.n_layers, layer, kv_cache_bytes_per_layer(meta, n_ctx), inputs, output,
+    return ModelShape(meta.n_layers, layer, kv_cache_bytes_per_layer(meta, n_ctx), inputs, output,
                  meta.n_vocab * N_UBATCH * 4)
 
 
@@ -112,7 +81,7 @@ def _gib(n: int) -> str:
 
 
 def fit_model(meta: ModelMeta, n_ctx: int, gpu: int, gpu_name: str, ram: int, *,
-              compute_buffer: int = COMPUTE_BUFFER) -> ModelFit:
+              compute_buffer: int = COMPUTE_BYTES) -> ModelFit:
     """Where one model fits, given the usable GPU and RAM bytes; GPU first."""
     kv = kv_cache_bytes(meta, n_ctx)
     need = meta.file_size + kv + compute_buffer
@@ -129,7 +98,7 @@ def fit_model(meta: ModelMeta, n_ctx: int, gpu: int, gpu_name: str, ram: int, *,
 
 
 def classify(hw: Hardware, models: Sequence[ModelMeta], n_ctx: int, *,
-             compute_buffer: int = COMPUTE_BUFFER, ram_reserve: int = RAM_RESERVE,
+             compute_buffer: int = COMPUTE_BYTES, ram_reserve: int = RAM_RESERVE,
              memory_limit: int | None = None) -> Capabilities:
     """The node's role and each model's fit, at a context of `n_ctx` tokens.
 

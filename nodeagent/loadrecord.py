@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from nodeagent.split import CPU, assign_layers
+from myco.layers import CPU, assign_layers
 
 _USING = re.compile(r"using device (\S+) \((.*)\) \([^()]*\) - \d+ MiB free")
 _ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device ([^,\s]+)")

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-RpcVersion = tuple[int, int, int]
+from myco.protocol import RpcVersion
 
 _HELLO = 14
 _CAPS = 24

@@ -20,8 +20,9 @@ import openai
 import pytest
 
 from bench.split_swarm import limits
-from gateway.placement import Device, ModelShape, Plan, SplitNode, place
+from gateway.placement import Plan, SplitNode, place
 from myco.identity import load_or_create
+from myco.protocol import Device, ModelShape
 from nodeagent import rpc
 from tests import netns
 from tests.conftest import MODEL_ID

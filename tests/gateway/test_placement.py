@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.placement import (
-    Device,
-    ModelShape,
-    Plan,
-    Refusal,
-    RpcVersion,
-    SplitNode,
-    place,
-)
-from nodeagent.split import layer_shares
+from gateway.placement import Plan, Refusal, SplitNode, place
+from myco.layers import layer_shares
+from myco.protocol import Device, ModelShape, RpcVersion
 
 GiB, MiB = 1024**3, 1024**2
 V7: RpcVersion = (7, 0, 0)

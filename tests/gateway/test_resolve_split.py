@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.placement import Device, ModelShape
 from gateway.policy import parse
 from gateway.resolve import NodeView, RoutingRequest, resolve
+from myco.protocol import Device, ModelShape
 
 MiB = 1024**2
 MODEL = "big"

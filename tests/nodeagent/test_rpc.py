@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.placement import Device, ModelShape, Plan, SplitNode, place
+from gateway.placement import Plan, SplitNode, place
+from myco.protocol import Device, ModelShape
 from nodeagent import rpc
 from tests.procs import ROOT
 

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from nodeagent.split import CPU, assign_layers, layer_shares, layer_split
+from myco.layers import CPU, assign_layers, layer_shares, layer_split
 
 # shares (CPU first, units = layers + the output layer) -> (n_gpu_layers, tensor_split)
 FORWARD = [
