@@ -3,10 +3,14 @@
 Runs on the runner's worker thread (every function here calls into llama.cpp).  The model's
 raw text goes through `tools.CallParser`; the non-streaming answer and the streamed chunks are
 both assembled from its events, so a stream reassembles into exactly the whole answer.
+`prepare` does everything that can refuse a request (context, token budget, grammar) before
+any token is generated; generation checks a stop flag at every token.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,47 +18,104 @@ from typing import Any
 
 import msgspec
 
-from nodeagent import chat, tools
-from nodeagent.wire import ChatRequest, message_dicts
+from myco.errors import BadRequest
+from nodeagent import chat, tools, wire
+from nodeagent.wire import ChatRequest, CompletionRequest, message_dicts
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 class Prepared(msgspec.Struct, frozen=True):
-    prompt: str
+    prompt: list[int]  # tokens, as create_completion would have made them from the text
     stop: list[str]
-    mode: tools.Mode
-    grammar: str | None
+    max_tokens: int
+    mode: tools.Mode = "text"
+    grammar: str | None = None
 
 
-def prepare(llm: Any, body: ChatRequest) -> Prepared:
-    """Render the prompt for this model and decide how the output is constrained."""
-    mode, grammar = tools.plan(body)
+def prepare(llm: Any, body: ChatRequest | CompletionRequest) -> Prepared:
+    """Render and tokenize the prompt, decide the token budget and the output's grammar.
+
+    BadRequest naming the parameter when the prompt leaves no room in the context, or when no
+    grammar can be built from the tools or the schema (which would crash the process later).
+    """
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    mode: tools.Mode = "text"
+    grammar, param = None, "prompt"
+    if isinstance(body, CompletionRequest):
+        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    else:
+        (text, own_stop), param = _render(llm, body), "messages"
+        stop = [*own_stop, *stop]
+        mode, grammar = _grammar(llm, body)
+    prompt = llm.tokenize(text.encode(), add_bos=True, special=True) or [llm.token_bos()]
+    asked, n_ctx = wire.asked_tokens(body, llm.n_ctx()), llm.n_ctx()
+    if len(prompt) >= n_ctx:
+        wanted = "the rest of the context" if asked is None else f"{asked} more"
+        raise BadRequest(f"the prompt is {len(prompt)} tokens and the context {n_ctx}: no room "
+                         f"for the answer ({wanted} asked); shorten the prompt", param=param)
+    room = n_ctx - len(prompt)
+    return Prepared(prompt, stop, room if asked is None else min(asked, room), mode, grammar)
+
+
+def _render(llm: Any, body: ChatRequest) -> tuple[str, list[str]]:
     template = llm.metadata.get("tokenizer.chat_template")
-    arch = llm.metadata.get("general.architecture", "")
-    user_stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if template is None and arch.startswith("gemma"):
-        prompt = chat.render_gemma(body.messages, body.tools)
-        return Prepared(prompt, [chat.GEMMA_STOP, *user_stop], mode, grammar)
+    if template is None and llm.metadata.get("general.architecture", "").startswith("gemma"):
+        return chat.render_gemma(body.messages, body.tools), [chat.GEMMA_STOP]
     token_text = llm._model.token_get_text
-    messages = message_dicts(body.messages)
-    prompt, stop = chat.render_template(template or CHATML, token_text(llm.token_bos()),
-                                        token_text(llm.token_eos()), messages, body.tools)
-    return Prepared(prompt, [*stop, *user_stop], mode, grammar)
+    return chat.render_template(template or CHATML, token_text(llm.token_bos()),
+                                token_text(llm.token_eos()), message_dicts(body.messages),
+                                body.tools)
 
 
-def _completion_args(llm: Any, prep: Prepared, body: ChatRequest) -> dict[str, Any]:
+# A grammar element that matches only NUL makes llama.cpp throw at the first token (abort);
+# a NUL character itself would cut the C string short.
+_NUL = re.compile(r"(?<!-)\\(?:x00|u0000|U00000000)(?!-)|-\\(?:x00|u0000|U00000000)")
+
+
+def _grammar(llm: Any, body: ChatRequest) -> tuple[tools.Mode, str | None]:
+    """tools.plan, every failure a BadRequest: llama-cpp-python would crash on it later."""
+    import llama_cpp
+
+    param = "tools" if body.tools and body.tool_choice != "none" \
+        else "response_format.json_schema.schema"
+    try:
+        mode, grammar = tools.plan(body)
+    except Exception as exc:  # the converter's asserts and lookups, on input it did not expect
+        raise BadRequest(f"no grammar can be made from {param}: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}", param=param) from None
+    if grammar is None:
+        return mode, None
+    sampler = None if "\x00" in grammar or _NUL.search(grammar) else \
+        llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise BadRequest(f"the grammar made from {param} is refused by llama.cpp (strings with "
+                         '" or NUL are not supported)', param=param)
+    llama_cpp.llama_sampler_free(sampler)
+    return mode, grammar
+
+
+def _completion_args(prep: Prepared, body: ChatRequest | CompletionRequest,
+                     stop: threading.Event) -> dict[str, Any]:
+    from llama_cpp import StoppingCriteriaList
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    # Checked at every token: the runner sets `stop` when the client goes away.
     args: dict[str, Any] = {"prompt": prep.prompt, "stop": prep.stop, "seed": body.seed,
-                            "max_tokens": body.max_completion_tokens or body.max_tokens}
+                            "max_tokens": prep.max_tokens, "stopping_criteria":
+                            StoppingCriteriaList([lambda _ids, _logits: stop.is_set()])}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         if getattr(body, name) is not None:
             args[name] = getattr(body, name)
     if prep.grammar is not None:
-        from llama_cpp.llama_grammar import LlamaGrammar
-
         args["grammar"] = LlamaGrammar.from_string(prep.grammar, verbose=False)
     return args
+
+
+def complete(llm: Any, prep: Prepared, body: CompletionRequest, stop: threading.Event) -> Any:
+    """/v1/completions: the answer, or its chunks when body.stream."""
+    return llm.create_completion(stream=body.stream, **_completion_args(prep, body, stop))
 
 
 def _call_id() -> str:
@@ -68,8 +129,9 @@ def _finish(reason: str | None, parser: tools.CallParser) -> str:
     return reason or "stop"
 
 
-def chat_once(llm: Any, prep: Prepared, body: ChatRequest, model_id: str) -> dict[str, Any]:
-    result = llm.create_completion(**_completion_args(llm, prep, body))
+def chat_once(llm: Any, prep: Prepared, body: ChatRequest,
+              stop: threading.Event) -> dict[str, Any]:
+    result = llm.create_completion(**_completion_args(prep, body, stop))
     choice = result["choices"][0]
     content, calls = "", list[dict[str, Any]]()
     parser = tools.CallParser(prep.mode)
@@ -87,16 +149,16 @@ def chat_once(llm: Any, prep: Prepared, body: ChatRequest, model_id: str) -> dic
     elif message["content"] is None:
         message["content"] = ""
     return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
-            "created": int(time.time()), "model": model_id,
+            "created": int(time.time()), "model": "",
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": _finish(choice["finish_reason"], parser)}],
             "usage": result["usage"]}
 
 
 def chat_stream(llm: Any, prep: Prepared, body: ChatRequest,
-                model_id: str) -> Iterator[dict[str, Any]]:
+                stop: threading.Event) -> Iterator[dict[str, Any]]:
     base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model_id}
+            "created": int(time.time()), "model": ""}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
@@ -104,7 +166,7 @@ def chat_stream(llm: Any, prep: Prepared, body: ChatRequest,
 
     yield chunk({"role": "assistant", "content": ""})
     parser, reason, generated = tools.CallParser(prep.mode), None, 0
-    for piece in llm.create_completion(stream=True, **_completion_args(llm, prep, body)):
+    for piece in llm.create_completion(stream=True, **_completion_args(prep, body, stop)):
         choice = piece["choices"][0]
         generated += 1
         reason = choice["finish_reason"] or reason
@@ -120,7 +182,7 @@ def chat_stream(llm: Any, prep: Prepared, body: ChatRequest,
                                              "function": {"arguments": event.text}}]})
     yield chunk({}, _finish(reason, parser))
     if body.stream_options is not None and body.stream_options.include_usage:
-        prompt_tokens = len(llm.tokenize(prep.prompt.encode(), special=True))
+        prompt_tokens = len(prep.prompt)
         yield {**base, "choices": [], "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": generated,
             "total_tokens": prompt_tokens + generated}}

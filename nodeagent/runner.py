@@ -6,11 +6,14 @@ the node agent uses, and the load record (which device holds which layers) at GE
 Because the model lives here, a crash or an unload frees its memory and the node agent
 survives; it dies with the node agent (nodeagent/child.py).  llama.cpp is not thread-safe:
 every call into it runs on the one worker thread of `Model`, off the event loop.  Server-sent
-events are produced with sse-starlette, the runner being a plain Starlette app.
+events are produced with sse-starlette, the runner being a plain Starlette app.  A request
+is checked whole before its turn to generate (nodeagent/generate.py `prepare`: a 400, never a
+crash), and generation stops at the next token once its client (the node agent's relay)
+closes the connection, streamed or not; one whose client left while it waited never starts.
 
 Split inference: `--rpc HOST:PORT` (repeatable, in device order RPC0, RPC1, ...) with
 `--tensor-split` (one share per offloaded device, RPC devices first) and `--n-gpu-layers`
-(see nodeagent/split.py for how llama.cpp maps them to layers).  The runner probes every worker
+(see myco/layers.py for how llama.cpp maps them to layers).  The runner probes every worker
 (exit 1 if one does not answer or speaks another protocol version), registers them, loads
 with split mode LAYER, then checks llama.cpp's own load log against the split and exits 1 if
 any device holds other layers than planned: never a silent local fallback.  One progress line
@@ -41,8 +44,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from myco import layers
 from myco.errors import MycoError
-from nodeagent import child, generate, loadrecord, rpc, split, wire
+from nodeagent import child, generate, loadrecord, rpc, wire
 from nodeagent.gguf import GGUFError, read_header
 from nodeagent.store import meta_from_gguf
 
@@ -73,16 +77,19 @@ class Model:
     def load(self) -> None:
         self._llm = self._open()
 
-    def chat(self, body: wire.ChatRequest, model_id: str) -> Any:
-        prep = generate.prepare(self._llm, body)
-        return generate.chat_once(self._llm, prep, body, model_id)
+    def prepare(self, body: wire.ChatRequest | wire.CompletionRequest) -> generate.Prepared:
+        return generate.prepare(self._llm, body)
 
-    def chat_stream(self, body: wire.ChatRequest, model_id: str) -> Iterator[Any]:
-        prep = generate.prepare(self._llm, body)
-        yield from generate.chat_stream(self._llm, prep, body, model_id)
-
-    def complete(self, **kwargs: Any) -> Any:
-        return self._llm.create_completion(**kwargs)
+    def infer(self, prep: generate.Prepared, body: wire.ChatRequest | wire.CompletionRequest,
+              stop: threading.Event) -> Any:
+        """The answer, or an iterator of chunks when body.stream; ends at the next token once
+        `stop` is set (and does not start if it already is)."""
+        if stop.is_set():
+            return iter(()) if body.stream else None
+        if isinstance(body, wire.CompletionRequest):
+            return generate.complete(self._llm, prep, body, stop)
+        once_or_stream = generate.chat_stream if body.stream else generate.chat_once
+        return once_or_stream(self._llm, prep, body, stop)
 
     def embed(self, texts: list[str]) -> Any:
         if self._embedder is None:
@@ -96,15 +103,15 @@ class Model:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.worker, lambda: fn(*args, **kwargs))
 
-    async def stream(self, fn: Callable[..., Iterator[Any]], **kwargs: Any) -> AsyncIterator[Any]:
-        """Iterate a llama-cpp-python generator on the worker thread; stop it if we go away."""
+    async def stream(self, fn: Callable[..., Iterator[Any]], *args: Any) -> AsyncIterator[Any]:
+        """Iterate a generator `fn(*args, stop)` on the worker thread; stop it if we go away."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
 
         def produce() -> None:
             try:
-                for item in fn(**kwargs):
+                for item in fn(*args, stop):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
                     if stop.is_set():
                         break
@@ -124,13 +131,11 @@ class Model:
             await asyncio.shield(done)
 
 
-def _sampling(body: wire.ChatRequest | wire.CompletionRequest) -> dict[str, Any]:
-    args: dict[str, Any] = {"stream": body.stream, "stop": body.stop, "seed": body.seed}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value is not None:
-            args[name] = value
-    return args
+async def _until_disconnect(request: Request, stop: threading.Event) -> None:
+    """Set `stop` when the client (the node agent's relay) closes its connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stop.set()
 
 
 def _error(exc: MycoError) -> Response:
@@ -158,26 +163,25 @@ def create_app(model: Model, model_id: str,
 
         return EventSourceResponse(events(), sep="\n", ping=15)
 
-    async def chat(request: Request) -> Response:
+    async def generation(request: Request) -> Response:
+        kind: type[wire.ChatRequest | wire.CompletionRequest] = wire.CompletionRequest
+        if request.url.path.endswith("/chat/completions"):
+            kind = wire.ChatRequest
         try:
-            body = wire.decode(await request.body(), wire.ChatRequest)
+            body = wire.decode(await request.body(), kind, n_ctx=model.n_ctx)
+            prep = await model.run(model.prepare, body)
         except MycoError as exc:
             return _error(exc)
         if body.stream:
-            return await answer(model.stream(model.chat_stream, body=body, model_id=model_id),
-                                True)
-        return await answer(await model.run(model.chat, body, model_id), False)
-
-    async def completions(request: Request) -> Response:
+            return await answer(model.stream(model.infer, prep, body), True)
+        stop = threading.Event()
+        watcher = asyncio.create_task(_until_disconnect(request, stop))
         try:
-            body = wire.decode(await request.body(), wire.CompletionRequest)
-        except MycoError as exc:
-            return _error(exc)
-        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        args = {"prompt": prompt, "max_tokens": body.max_tokens or 16, **_sampling(body)}
-        if body.stream:
-            return await answer(model.stream(model.complete, **args), True)
-        return await answer(await model.run(model.complete, **args), False)
+            result = await model.run(model.infer, prep, body, stop)
+        finally:
+            watcher.cancel()
+        # None: the client left before its turn; nobody reads this answer.
+        return Response(status_code=499) if result is None else await answer(result, False)
 
     async def embeddings(request: Request) -> Response:
         try:
@@ -200,8 +204,8 @@ def create_app(model: Model, model_id: str,
         return Response(encode(record), media_type="application/json")
 
     return Starlette(routes=[
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", generation, methods=["POST"]),
+        Route("/v1/completions", generation, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/load", load, methods=["GET"]),
@@ -235,7 +239,7 @@ def _connect_workers(args: argparse.Namespace, say: Callable[[str], None]) -> No
     """Check the split, probe then register every worker; RpcError naming what is wrong."""
     meta = meta_from_gguf("", Path(args.model), read_header(args.model), 0)
     devices = max(len(args.rpc), len(args.tensor_split))
-    shares = split.layer_shares(meta.n_layers, args.n_gpu_layers, args.tensor_split, devices)
+    shares = layers.layer_shares(meta.n_layers, args.n_gpu_layers, args.tensor_split, devices)
     idle = [e for e, n in zip(args.rpc, shares[1:], strict=False) if not n]
     if idle:
         raise rpc.RpcError(f"the split gives no layers to rpc worker(s) {', '.join(idle)}")

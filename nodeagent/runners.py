@@ -2,7 +2,7 @@
 
 `RunnerPool.get(model, split)` returns a ready `Runner`, starting `python -m nodeagent.runner`
 for it if none is alive (a runner that died is started again on the next request), or if the
-one alive was loaded with another split (a `wire.Split`, or None: all local).  A split runner
+one alive was loaded with another split (a `protocol.Split`, or None: all local).  A split runner
 reaches each worker node through a `TunnelEntrance` of its own, closed when it stops.  Each
 runner has a bounded queue: `Runner.admit()` raises `Busy` (429 with Retry-After) when it is
 full; a request holds its place until its response is closed (a stream: relayed to the end).
@@ -27,10 +27,10 @@ import msgspec
 
 from myco.errors import Busy, Unavailable
 from myco.identity import Identity
+from myco.protocol import Split
 from nodeagent import child, loadrecord
 from nodeagent.store import ModelMeta
 from nodeagent.tunnel import TunnelEntrance
-from nodeagent.wire import Split
 
 log = logging.getLogger("myco.node.runners")
 

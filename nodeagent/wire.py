@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from myco import protocol
 from myco.errors import BadRequest
 from myco.identity import parse_id
+from nodeagent import schema
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -24,9 +26,12 @@ class Message(msgspec.Struct, frozen=True):
     tool_call_id: str | None = None
 
 
+Tokens = Annotated[int, msgspec.Meta(ge=1)]  # and at most the context: `asked_tokens`
+
+
 class _Sampling(msgspec.Struct, frozen=True):
     model: str
-    max_tokens: int | None = None
+    max_tokens: Tokens | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -71,7 +76,7 @@ class StreamOptions(msgspec.Struct, frozen=True):
 
 class ChatRequest(_Sampling, frozen=True):
     messages: list[Message] = []
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Tokens | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
     parallel_tool_calls: bool = True
@@ -99,36 +104,12 @@ class EmbeddingRequest(msgspec.Struct, frozen=True):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-class LeaseRequest(msgspec.Struct, frozen=True):
-    """POST /node/rpc/lease: lend `device` to the head node with this id and certificate."""
-
-    model: str
-    head_id: str
-    head_certificate: str  # PEM
-    device: str = "CPU"
-
-
-class SplitWorker(msgspec.Struct, frozen=True):
-    node: str
-    id: str  # the worker node's id: its tunnel exit must present this certificate
-    host: str
-    tunnel_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
-
-
-class Split(msgspec.Struct, frozen=True):
-    """The x-myco-split header: the gateway's plan for this model on this (head) node."""
-
-    n_gpu_layers: int
-    tensor_split: tuple[Annotated[float, msgspec.Meta(ge=0)], ...]
-    workers: tuple[SplitWorker, ...]  # in RPC registration order: RPC0, RPC1, ...
-
-
-def split_header(text: str | None) -> Split | None:
+def split_header(text: str | None) -> protocol.Split | None:
     """The decoded x-myco-split header (None when absent); BadRequest naming it if invalid."""
     if text is None:
         return None
     try:
-        split = msgspec.json.decode(text, type=Split)
+        split = msgspec.json.decode(text, type=protocol.Split)
         for worker in split.workers:
             parse_id(worker.id)
         if len(split.tensor_split) < len(split.workers):
@@ -138,13 +119,18 @@ def split_header(text: str | None) -> Split | None:
     return split
 
 
-Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest | LeaseRequest)
+Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest
+               | protocol.LeaseRequest)
 
 
-def decode(raw: bytes, kind: type[Body]) -> Body:
-    """Decode and check a request body; every problem is a `BadRequest` naming the field."""
+def decode(raw: bytes, kind: type[Body], n_ctx: int | None = None) -> Body:
+    """Decode and check a request body; every problem is a `BadRequest` naming the field.
+
+    With `n_ctx`, a token limit above the context is refused too (`asked_tokens`)."""
     try:
         body = msgspec.json.decode(raw, type=kind)
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     except msgspec.ValidationError as exc:
         text = str(exc)
         if text.startswith("Expected `object`, got") and "- at" not in text:
@@ -161,9 +147,24 @@ def decode(raw: bytes, kind: type[Body]) -> Body:
         raise BadRequest("only one prompt per request is supported", param="prompt")
     if isinstance(body, ChatRequest | CompletionRequest) and body.n != 1:
         raise BadRequest("n > 1 is not supported: ask once per choice", param="n")
+    if isinstance(body, ChatRequest | CompletionRequest) and n_ctx is not None:
+        asked_tokens(body, n_ctx)
     if isinstance(body, EmbeddingRequest) and isinstance(body.input, list) and not body.input:
         raise BadRequest("input must not be empty", param="input")
     return body
+
+
+def asked_tokens(body: ChatRequest | CompletionRequest, n_ctx: int) -> int | None:
+    """The token limit asked: max_completion_tokens, else max_tokens (for /v1/completions 16
+    when absent, as OpenAI's); None: the rest of the context.  More than `n_ctx`: BadRequest."""
+    param, asked = "max_tokens", body.max_tokens
+    if isinstance(body, CompletionRequest):
+        asked = 16 if asked is None else asked
+    elif body.max_completion_tokens is not None:
+        param, asked = "max_completion_tokens", body.max_completion_tokens
+    if asked is not None and asked > n_ctx:
+        raise BadRequest(f"{param} must be from 1 to the context size, {n_ctx}", param=param)
+    return asked
 
 
 def _check_chat(body: ChatRequest) -> None:
@@ -192,6 +193,7 @@ def _check_chat(body: ChatRequest) -> None:
                 raise BadRequest(f"messages[{i}].content: only text parts are supported by "
                                  f"this model, got {part.get('type')!r}",
                                  param=f"messages[{i}].content")
+    schema.check_chat(body)
 
 
 def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
