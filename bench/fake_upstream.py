@@ -11,6 +11,7 @@ only the gateway whose certificate is CERT).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -71,6 +72,8 @@ def make_app(name: str, models: tuple[str, ...] = ("fake-model",), chunks: int =
         elif scope["method"] == "POST" and path.startswith("/v1/"):
             request = json.loads(body or b"{}")
             model = str(request.get("model", ""))
+            if request.get("fake_delay"):  # tests: an answer that takes this many seconds
+                await asyncio.sleep(float(request["fake_delay"]))
             if request.get("stream"):
                 await send({"type": "http.response.start", "status": 200,
                             "headers": sse_headers})

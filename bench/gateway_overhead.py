@@ -195,6 +195,7 @@ def main() -> None:
             policy.write_text(f"""
 [nodes.node]
 address = "{node.address}"
+id = "{node.node_id}"
 [upstreams.plain]
 url = "{plain.url}/v1"
 cloud = false

@@ -1,7 +1,8 @@
 """The gateway's composition root: `create_app(settings, policy)` wires the data path.
 
     request -> decode routing fields -> resolve(request, policy, swarm) -> forward the
-    original bytes to the chosen target (next one on a connection failure) -> relay
+    body re-encoded from what was parsed (gateway/wire.py) to the chosen target (the next
+    one while no byte has reached the client) -> relay (myco/proxy.py)
 
 The dry-run endpoint calls the same `resolve` and sends nothing.
 """
@@ -13,22 +14,23 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.response import Stream
 
-from gateway.audit import AuditEntry, AuditLog
+from gateway.audit import Attempt, AuditEntry, AuditLog, bounded
 from gateway.egress import Egress, EgressDenied
+from gateway.membership import Membership
 from gateway.placement import Plan
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
-from gateway.membership import Membership
 from gateway.upstream import Endpoint, UpstreamPool
-from gateway.wire import DryRunFields, RoutingFields, decode
+from gateway.wire import DryRunFields, RoutingFields, forwarded
 from myco.errors import (
     Denied,
     ModelNotFound,
@@ -38,9 +40,10 @@ from myco.errors import (
     Unavailable,
     error_message,
 )
+from myco.guard import allowed_names, cors, request_guard
 from myco.handlers import exception_handlers
 from myco.identity import Identity
-from myco.proxy import relay
+from myco.proxy import TargetLost, relay, unless_gone
 from myco.tls import certificate_id, client_context
 
 
@@ -48,6 +51,7 @@ class _Lease(msgspec.Struct):
     tunnel_port: int
 
 
+Answer = Response[bytes] | Stream
 _REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
 _PATHS: dict[EndpointKind, str] = {"chat": "/chat/completions", "completions": "/completions",
                                    "embeddings": "/embeddings"}
@@ -115,53 +119,82 @@ class Gateway:
         client: str | None = None
         decision: Decision | None = None
         target: str | None = None
+        attempts: list[Attempt] = []
         try:
             client = self.authenticate(request)
-            fields = decode(raw, RoutingFields)
+            raw, fields = forwarded(raw, RoutingFields)
             decision = resolve(RoutingRequest(endpoint, fields.model, client, fields.has_tools),
                                self.policy, self.members.views,
                                self.members.strangers())
             if not decision.allowed:
                 raise _REFUSALS[decision.status](decision.message)
-            failures: list[str] = []
             split = await self._lease(decision.plan, fields.model) if decision.plan else {}
-            for target in decision.eligible:
-                where = self.endpoint(target)
-                if where is None:
-                    failures.append(f"{target}: no address known")
-                    continue
-                try:
-                    upstream = await self.pool.send(
-                        where, _PATHS[endpoint], {**self.headers_for(target, request), **split},
-                        raw)
-                except EgressDenied as exc:
-                    raise TargetFailed(str(exc)) from None
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                    failures.append(f"{target}: cannot connect ({exc})")
-                    if target in self.policy.nodes:
-                        self.members.mark_failed(target, f"connection failed: {exc}")
-                    continue
-                except httpx.HTTPError as exc:
-                    raise TargetFailed(f"{target} failed: {type(exc).__name__}: {exc}") from None
-                if upstream.is_redirect:  # never followed: it would leave the listed endpoints
-                    await upstream.aclose()
-                    raise TargetFailed(f"{target} answered with a redirect "
-                                       f"({upstream.status_code}); redirects are not followed")
-                self._record(started, request_id, endpoint, fields, client, decision, target,
-                             upstream.status_code, None, raw)
-                return await relay(upstream, {"x-myco-node": target,
-                                              "x-myco-rule": decision.rule_name,
-                                              "x-request-id": request_id})
-            target = None
-            raise TargetFailed("every target failed: " + "; ".join(failures))
+            # Until an answer is returned no byte has reached the client: any target that
+            # fails before then is followed by the next one.  A client that leaves meanwhile
+            # closes the attempt in progress.
+            target, answer = await unless_gone(self._attempt(
+                request, endpoint, raw, split, decision, request_id, attempts), request.receive)
+            if answer is None:
+                raise TargetFailed("every target failed: " + "; ".join(
+                    f"{a.target}: {a.outcome}" for a in attempts))
+            self._record(started, request_id, endpoint, fields, client, decision, target,
+                         answer.status_code or 200, None, raw, attempts)
+            return answer
         except MycoError as exc:
             exc.extra_headers.update({
                 "x-myco-node": target or "-",
                 "x-myco-rule": decision.rule_name if decision else "none",
                 "x-request-id": request_id})
             self._record(started, request_id, endpoint, fields, client, decision, target,
-                         exc.status, exc.message, raw)
+                         exc.status, exc.message, raw, attempts)
             raise
+
+    async def _attempt(self, request: Request[Any, Any, Any], endpoint: EndpointKind,
+                       body: bytes, split: dict[str, str], decision: Decision, request_id: str,
+                       attempts: list[Attempt]) -> tuple[str | None, Answer | None]:
+        """Send to the eligible targets in order: the first answer, with who gave it (None:
+        every target failed; `attempts` says how)."""
+        for target in decision.eligible:
+            try:
+                answer = await self._try(target, request, endpoint, body, split, decision,
+                                         request_id)
+            except asyncio.CancelledError:  # the client left (unless_gone), or we stop
+                attempts.append(Attempt(target, "abandoned"))
+                raise
+            if isinstance(answer, str):
+                attempts.append(Attempt(target, answer))
+                continue
+            attempts.append(Attempt(target, f"answered {answer.status_code or 200}"))
+            return target, answer
+        return None, None
+
+    async def _try(self, target: str, request: Request[Any, Any, Any], endpoint: EndpointKind,
+                   body: bytes, split: dict[str, str], decision: Decision,
+                   request_id: str) -> Answer | str:
+        """`target`'s answer, or why it gave none (the next target may be tried then)."""
+        where = self.endpoint(target)
+        if where is None:
+            return "no address known"
+        headers = {**self.headers_for(target, request), **split}
+        try:
+            upstream = await self.pool.send(where, _PATHS[endpoint], headers, body)
+        except EgressDenied as exc:
+            raise TargetFailed(str(exc)) from None
+        except httpx.HTTPError as exc:
+            connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            if connect and target in self.policy.nodes:
+                self.members.mark_failed(target, f"connection failed: {exc}")
+            outcome = "cannot connect" if connect else "failed before answering"
+            return f"{outcome}: {type(exc).__name__}: {exc}"
+        if upstream.is_redirect:  # never followed: it would leave the listed endpoints
+            await upstream.aclose()
+            return f"answered with a redirect ({upstream.status_code}); redirects are not followed"
+        try:
+            return await relay(upstream, {"x-myco-node": target, "x-myco-rule": decision.rule_name,
+                                          "x-request-id": request_id},
+                               max_body=self.settings.max_response_bytes)
+        except TargetLost as exc:
+            return exc.message
 
     async def _lease(self, plan: Plan, model: str) -> dict[str, str]:
         """Ask each worker device of `plan` to lend itself to the head; the header that tells
@@ -199,17 +232,19 @@ class Gateway:
 
     def _record(self, started: float, request_id: str, endpoint: str,
                 fields: RoutingFields | None, client: str | None, decision: Decision | None,
-                target: str | None, status: int, reason: str | None, raw: bytes) -> None:
+                target: str | None, status: int, reason: str | None, raw: bytes,
+                attempts: list[Attempt]) -> None:
         self.audit.record(AuditEntry(
             time=time.time(), request_id=request_id, endpoint=endpoint,
-            model=fields.model if fields else None, client=client,
+            model=bounded(fields.model) if fields else None, client=client,
             rule=decision.rule_name if decision else "none", target=target, status=status,
             latency_ms=round((time.perf_counter() - started) * 1000, 3), reason=reason,
+            attempts=tuple(attempts),
             body=raw.decode("utf-8", "replace") if self.policy.audit.prompts else None))
 
     def dry_run(self, request: Request[Any, Any, Any], raw: bytes) -> dict[str, Any]:
         client = self.authenticate(request)
-        fields = decode(raw, DryRunFields)
+        _, fields = forwarded(raw, DryRunFields)
         routing = RoutingRequest(fields.endpoint, fields.model, client, fields.has_tools)
         decision = resolve(routing, self.policy, self.members.views,
                                self.members.strangers())
@@ -291,6 +326,8 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
                         health, show_identity],
         lifespan=[lifespan],
         exception_handlers=exception_handlers({"x-myco-node": "-", "x-myco-rule": "none"}),
+        middleware=[request_guard(allowed_names(settings.host, settings.allowed_hosts))],
+        cors_config=cors(policy.cors_origins),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         logging_config=None,  # keep the CLI's log format

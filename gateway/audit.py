@@ -1,15 +1,33 @@
 """The audit log: one JSON line per routing decision, appended and flushed as it happens.
 
-No prompt text is written unless the policy's `[audit] prompts = true` asks for it.
+No prompt text is written unless the policy's `[audit] prompts = true` asks for it.  Fields the
+client chose are bounded (`bounded`): a model name longer than `MAX_FIELD` characters is cut,
+with its length.  The file is the user's record of who asked what, so it is readable by its
+owner only: created 0600, and tightened to 0600 if it exists with wider permissions (a log
+from before this rule, or one a copy made readable); a file the gateway cannot tighten is
+used as it is, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 from typing import IO
 
 import msgspec
+
+MAX_FIELD = 256
+
+log = logging.getLogger("myco.gateway.audit")
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """One target the request was sent to, and what came of it."""
+
+    target: str
+    outcome: str  # "answered 200", or why the next target was tried
 
 
 class AuditEntry(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -23,7 +41,15 @@ class AuditEntry(msgspec.Struct, frozen=True, omit_defaults=True):
     status: int
     latency_ms: float
     reason: str | None = None
+    attempts: tuple[Attempt, ...] = ()  # every target tried, in order
     body: str | None = None  # the request body, only when the policy asks for prompts
+
+
+def bounded(text: str | None) -> str | None:
+    """`text` cut to `MAX_FIELD` characters, saying how long it was."""
+    if text is None or len(text) <= MAX_FIELD:
+        return text
+    return f"{text[:MAX_FIELD]}... ({len(text)} characters)"
 
 
 class AuditLog:
@@ -32,8 +58,15 @@ class AuditLog:
         self._file: IO[bytes] | None = None
         self._encoder = msgspec.json.Encoder()
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                try:
+                    os.fchmod(fd, 0o600)
+                except OSError as exc:
+                    log.warning("audit log %s is readable by others and cannot be made "
+                                "private: %s", self.path, exc.strerror)
+            self._file = os.fdopen(fd, "ab")
 
     def record(self, entry: AuditEntry) -> None:
         if self._file is not None:

@@ -3,8 +3,11 @@
 `Membership` owns the gateway's knowledge of its nodes: the address of each (from the policy,
 or from mDNS discovery for nodes listed by id), the health watcher that polls `/node/info`, and
 the judgement of discovered nodes (listed, a stranger, or an impostor whose certificate is not
-the id it announces).  The data path (gateway/app.py) asks it two things: `endpoint(name)`,
-where to send to a node now, and `views`/`strangers()`, what `resolve` decides on.
+the id it announces).  Every node is pinned to an id, loopback ones too: a node listed on
+loopback without `id` is pinned to the local node's (`local_node_id`), so another process that
+takes its port gets nothing; with no such id the node is unhealthy, saying to add `id`.
+The data path (gateway/app.py) asks it two things: `endpoint(name)`, where to send to a node
+now, and `views`/`strangers()`, what `resolve` decides on.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,11 +24,25 @@ import msgspec
 from gateway.audit import AuditEntry, AuditLog
 from gateway.discovery import Discovered, Discovery, judge
 from gateway.egress import Egress
-from gateway.policy import Policy
+from gateway.policy import Policy, PolicyError
 from gateway.resolve import NodeView
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, local_node_certificate
 from gateway.swarm import SwarmWatcher, Unreachable
 from gateway.upstream import Endpoint, UpstreamPool, WrongPeer
+from myco.identity import parse_id
+from myco.tls import certificate_id
+
+
+def local_node_id(configured: str | None, certificate: Path) -> str | None:
+    """The id of this machine's node: `configured` (MYCO_GATEWAY_LOCAL_NODE_ID), else that of
+    the certificate the node keeps in its default state dir, else None.  ValueError if
+    `configured` is not an id."""
+    if configured:
+        return parse_id(configured)
+    try:
+        return certificate_id(certificate.read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
 
 
 class Membership:
@@ -35,6 +53,12 @@ class Membership:
         # host:port of each node: from the policy, or from discovery for nodes listed by id.
         self.addresses: dict[str, str | None] = {n.name: n.address
                                                  for n in policy.nodes.values()}
+        try:
+            local = local_node_id(settings.local_node_id, local_node_certificate())
+        except ValueError as exc:
+            raise PolicyError(policy.source, None, f"MYCO_GATEWAY_LOCAL_NODE_ID: {exc}") from None
+        # The id each node must present (policy nodes without one are on loopback).
+        self.pins: dict[str, str | None] = {n.name: n.id or local for n in policy.nodes.values()}
         self.watcher = SwarmWatcher(policy.nodes, self._node_info,
                                     interval=settings.health_interval,
                                     timeout=settings.health_timeout, on_unhealthy=self._lost)
@@ -59,21 +83,27 @@ class Membership:
         return self.watcher.views
 
     def endpoint(self, name: str) -> Endpoint | None:
-        """Where to reach node `name` now (None: listed by id, not discovered yet)."""
-        address = self.addresses[name]
-        return Endpoint.for_node(address, self.policy.nodes[name].id) if address else None
+        """Where to reach node `name` now (None: listed by id, not discovered yet; or no id
+        to pin it to)."""
+        address, pin = self.addresses[name], self.pins[name]
+        return Endpoint.for_node(address, pin) if address and pin else None
 
     def node_id(self, name: str) -> str | None:
-        """The id `name` proved: the one the policy pins, else (a loopback node) its own."""
-        info = self.watcher.infos.get(name)
-        return self.policy.nodes[name].id or (info.id if info else None)
+        """The id `name` must prove (None: none is known, it is never contacted)."""
+        return self.pins[name]
 
     def certificate(self, name: str) -> str:
         info = self.watcher.infos.get(name)
         return info.certificate if info else ""
 
     async def _node_info(self, name: str) -> bytes:
+        if self.pins[name] is None:  # the local node may create its identity after we start
+            self.pins[name] = local_node_id(None, local_node_certificate())
         endpoint = self.endpoint(name)
+        if self.pins[name] is None:
+            raise Unreachable(f"listed on loopback without `id`, and this machine's node id is "
+                              "not known: add `id = \"...\"` (what `myco node id` prints) to "
+                              f"[nodes.{name}] in the policy, or set MYCO_GATEWAY_LOCAL_NODE_ID")
         if endpoint is None:
             raise Unreachable("not discovered yet (listed by id; no mDNS announcement seen)")
         return await self._info_at(endpoint)
@@ -143,7 +173,7 @@ class Membership:
         while it has no address yet, one that does not answer: every connection is pinned,
         and the health checks say why).  Every address is tried: anyone can announce records
         for a node's host name."""
-        pin, mismatches, silent = self.policy.nodes[name].id, [], None
+        pin, mismatches, silent = self.pins[name], [], None
         for host in found.addresses:
             self.egress.allow(host, found.port)
             try:
@@ -179,10 +209,10 @@ class Membership:
     def swarm(self) -> dict[str, Any]:
         """GET /v1/swarm: every listed node as the gateway sees it, and what discovery found."""
         nodes = []
-        for name, node in self.policy.nodes.items():
+        for name in self.policy.nodes:
             view = self.watcher.views[name]
             info = self.watcher.infos.get(name)
-            nodes.append({"name": name, "address": self.addresses[name], "id": node.id,
+            nodes.append({"name": name, "address": self.addresses[name], "id": self.pins[name],
                           "healthy": view.healthy,
                           "reason": view.reason, "models": sorted(view.models or ()),
                           "loaded": info.loaded if info else [],

@@ -4,7 +4,11 @@ A policy is a TOML file the user wrote.  Only what it lists is reachable; routes
 order and the first whose `match` fits the request decides (forward to targets in order of
 preference, or deny; `split` names the nodes that may together run a model none of the
 targets can hold alone).  Anything malformed stops start-up with a `PolicyError` naming the file,
-the line and the reason.  Example:
+the line and the reason.  Model names are compared after `model_key`: Unicode NFKC
+normalisation, case folding, invisible (format and control) characters dropped and surrounding
+space stripped, on both sides (route globs, upstream `models` lists, what nodes serve), so
+`deny` for `secret-*` also catches `SECRET-PLANS`, ` Secret-plans` and `secret-plans` typed
+in fullwidth letters.  Example:
 
     [nodes.local]
     address = "127.0.0.1:8788"
@@ -21,6 +25,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
@@ -80,6 +85,10 @@ class _Audit(msgspec.Struct, forbid_unknown_fields=True):
     prompts: bool = False
 
 
+class _Cors(msgspec.Struct, forbid_unknown_fields=True):
+    origins: list[str] = []  # pages (scheme://host[:port]) that may call the API; none: no CORS
+
+
 class _File(msgspec.Struct, forbid_unknown_fields=True):
     # Tables of named entries are converted one entry at a time (`_entries`), because msgspec's
     # error path does not say which key of a dict was wrong.
@@ -88,6 +97,7 @@ class _File(msgspec.Struct, forbid_unknown_fields=True):
     clients: dict[str, dict[str, Any]] = {}
     routes: list[_Route] = []
     audit: _Audit = msgspec.field(default_factory=_Audit)
+    cors: _Cors = msgspec.field(default_factory=_Cors)
 
 
 # --- the validated policy -----------------------------------------------------------------
@@ -168,6 +178,7 @@ class Policy(msgspec.Struct, frozen=True):
     clients: dict[str, Client]
     routes: tuple[Route, ...]
     audit: Audit
+    cors_origins: tuple[str, ...] = ()  # myco/guard.py: no CORS header unless listed here
 
     def endpoints(self) -> list[tuple[str, int]]:
         """Every host:port the policy names, that the gateway may open a connection to.
@@ -199,11 +210,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def model_key(name: str) -> str:
+    """The form in which model names are compared: NFKC, case folded, without format or
+    control characters, stripped.  A spelling that a target might read as the same name must
+    not slip past a rule written for it."""
+    if name.isascii() and name.isprintable():
+        return name.lower().strip()  # the common case; NFKC and casefold are identities here
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return "".join(c for c in folded if unicodedata.category(c)[0] != "C").strip()
+
+
 def matches(match: Match, endpoint: EndpointKind, model: str, client: str | None,
             has_tools: bool) -> bool:
-    """Whether a route's `match` fits a request.  Model names match as shell globs."""
+    """Whether a route's `match` fits a request.  Model names match as shell globs, both
+    sides compared as `model_key` gives them (`model` is expected in that form already)."""
     return (
-        fnmatch.fnmatchcase(model, match.model)
+        fnmatch.fnmatchcase(model, model_key(match.model))
         and (match.endpoints is None or endpoint in match.endpoints)
         and (match.clients is None or (client is not None and client in match.clients))
         and (match.tools is None or match.tools == has_tools)
@@ -315,8 +337,14 @@ def parse(text: str, source: str = "<policy>") -> Policy:
                             tuple(r.forward or ()), r.deny, tuple(r.split or ())))
     if not routes:
         raise PolicyError(source, None, "no [[routes]]: nothing would be reachable")
+    for origin in doc.cors.origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "*" in origin or \
+                origin != f"{parts.scheme}://{parts.netloc}":
+            raise fail(("cors", "origins"), f"cors.origins: {origin!r} must be an origin, as "
+                       "a browser sends it: scheme://host[:port], no path, no wildcard")
     return Policy(source, nodes, upstreams, clients, tuple(routes),
-                  Audit(doc.audit.path, doc.audit.prompts))
+                  Audit(doc.audit.path, doc.audit.prompts), tuple(doc.cors.origins))
 
 
 def _entries(table: dict[str, dict[str, Any]], kind: type[_T], section: str,

@@ -7,13 +7,16 @@ they cannot disagree.  The rules, in order:
 2. A `deny` route -> 403 naming the route.
 3. Each target of a `forward` route, in the order written, is a candidate: a node must be
    healthy and serve the model; an upstream must list the model (when it lists models at all).
-4. The first eligible candidate is chosen; the rest are fallbacks for connection failures.
+   Model names are compared as `policy.model_key` gives them (NFKC, case folded, stripped).
+4. The first eligible candidate is chosen; the rest are fallbacks, tried in order while no
+   byte of an answer has reached the client.
 5. None is eligible and the route names `split` nodes: `place` (gateway/placement.py) plans
    the model over the healthy ones; the plan's head is the target, or the planner's reasons
    are a 503.
 6. No candidate serves the model -> 404; some would but cannot now -> 503 with the reasons.
 
 A destination is only ever a target the policy listed, never derived from the model name.
+Messages show at most `SHOWN` characters of a model name (it is the client's input).
 """
 
 from __future__ import annotations
@@ -23,8 +26,18 @@ from typing import Literal
 
 import msgspec
 
-from gateway.placement import Device, ModelShape, Plan, RpcVersion, SplitNode, place
-from gateway.policy import EndpointKind, Policy, Route, matches
+from gateway.placement import Plan, SplitNode, place
+from gateway.policy import EndpointKind, Policy, Route, matches, model_key
+from myco.protocol import Device, ModelShape, RpcVersion
+
+SHOWN = 256
+
+
+def quoted(model: str) -> str:
+    """`model` quoted for a message or log: cut at `SHOWN` characters, with its length."""
+    if len(model) <= SHOWN:
+        return repr(model)
+    return f"{model[:SHOWN]!r}... ({len(model)} characters)"
 
 
 class RoutingRequest(msgspec.Struct, frozen=True):
@@ -94,12 +107,13 @@ def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm,
 
 
 def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
+    key = model_key(request.model)
     route = next((r for r in policy.routes
-                  if matches(r.match, request.endpoint, request.model, request.client,
+                  if matches(r.match, request.endpoint, key, request.client,
                              request.has_tools)), None)
     if route is None:
         return Decision(False, 403, f"no route in policy {policy.source} matches this request "
-                        f"(model {request.model!r}, endpoint {request.endpoint}); "
+                        f"(model {quoted(request.model)}, endpoint {request.endpoint}); "
                         "anything the policy does not list is denied")
     index, rule = route.index, route.text
     if route.deny is not None:
@@ -110,7 +124,7 @@ def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
     serves_model = False
     for target in route.forward:
         kind: Literal["node", "upstream"] = "node" if target in policy.nodes else "upstream"
-        problem, knows_model = _check(target, kind, request.model, policy, swarm)
+        problem, knows_model = _check(target, kind, key, policy, swarm)
         serves_model = serves_model or knows_model
         eligible = problem is None
         chosen = eligible and not any(c.eligible for c in candidates)
@@ -135,30 +149,31 @@ def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
                 return Decision(True, 200, f"split: {split.reason}, head {split.head}", index,
                                 rule, split.head, shown, split)
             return Decision(False, 503, f"no target of {route.name} can hold model "
-                            f"{request.model!r} alone ({why}), and {split}", index, rule, None,
-                            shown)
+                            f"{quoted(request.model)} alone ({why}), and {split}", index, rule,
+                            None, shown)
     if not serves_model:
-        return Decision(False, 404, f"model {request.model!r} is not served by any target of "
-                        f"{route.name} ({why})", index, rule, None, tuple(candidates))
+        return Decision(False, 404, f"model {quoted(request.model)} is not served by any "
+                        f"target of {route.name} ({why})", index, rule, None, tuple(candidates))
     return Decision(False, 503, f"no available target for {route.name}: {why}", index, rule,
                     None, tuple(candidates))
 
 
-def _check(target: str, kind: str, model: str, policy: Policy,
+def _check(target: str, kind: str, key: str, policy: Policy,
            swarm: Swarm) -> tuple[str | None, bool]:
-    """(why `target` cannot take the request or None, whether it may serve `model`)."""
+    """(why `target` cannot take the request or None, whether it may serve the model whose
+    `model_key` is `key`)."""
     if kind == "upstream":
         listed = policy.upstreams[target].models
-        if listed is not None and model not in listed:
-            return f"upstream does not list model {model!r}", False
+        if listed is not None and key not in {model_key(m) for m in listed}:
+            return "upstream does not list this model", False
         return None, True
     view = swarm.get(target)
     if view is None:
         return "not seen yet", True
-    if view.models is not None and model not in view.models:
+    if view.models is not None and key not in {model_key(m) for m in view.models}:
         if not view.healthy:
-            return f"unhealthy ({view.reason}) and does not serve model {model!r}", False
-        return f"does not serve model {model!r}", False
+            return f"unhealthy ({view.reason}) and does not serve this model", False
+        return "does not serve this model", False
     if not view.healthy:
         return f"unhealthy: {view.reason}", True
     return None, True

@@ -35,6 +35,7 @@ from gateway.egress import Egress
 from myco.tls import IdentityMismatch, check_peer
 
 _HIGH_WATER = 64  # buffered body chunks before we stop reading from the socket
+_MAX_HEADER_BYTES = 64 * 1024  # a response's header section; beyond it the response fails
 
 
 class WrongPeer(httpx.ConnectError):
@@ -75,6 +76,7 @@ class _Connection(asyncio.Protocol):
     def reset(self) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
+        self.header_bytes = 0
         self.got_response = False
         self.headers_done = asyncio.Event()
         self.chunks: deque[bytes] = deque()
@@ -110,7 +112,15 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > _MAX_HEADER_BYTES:
+            self._fail(httpx.RemoteProtocolError("response headers larger than "
+                                                 f"{_MAX_HEADER_BYTES} bytes"))
+            self.close()
+            return
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        # A repeated field is combined into one line, in order (RFC 9110, 5.3), not dropped.
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()

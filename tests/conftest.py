@@ -6,6 +6,7 @@ directly, as that gateway."""
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,15 +92,24 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory,
         proc.stop()
 
 
-def node_policy(address: str, name: str = "local") -> str:
-    return f'[nodes.{name}]\naddress = "{address}"\n\n[[routes]]\nmatch = {{ model = "*" }}\n' \
-           f'forward = ["{name}"]\n'
+def node_id(proc: Proc) -> str:
+    """The id a `myco node` process logged at start (`node NAME (id ID): ...`)."""
+    found = re.search(r"\(id ([A-Z2-7-]+)\)", proc.output)
+    assert found, proc.output
+    return found.group(1)
+
+
+def node_policy(address: str, name: str = "local", pin: str | None = None) -> str:
+    """One node, every model to it; pinned to `pin` (None: unpinned, as on loopback)."""
+    pinned = f'id = "{pin}"\n' if pin else ""
+    return f'[nodes.{name}]\naddress = "{address}"\n{pinned}\n[[routes]]\n' \
+           f'match = {{ model = "*" }}\nforward = ["{name}"]\n'
 
 
 @pytest.fixture(scope="session")
 def gateway(node: Proc, start_gateway: PolicyFactory) -> Proc:
     """A gateway with the default policy's shape, in front of the session's real node."""
-    return start_gateway(node_policy(node.address))
+    return start_gateway(node_policy(node.address, pin=node_id(node)))
 
 
 # The fast tier (`make test-fast`): everything that needs neither the model nor network

@@ -12,14 +12,17 @@ import threading
 import time
 from pathlib import Path
 
-from myco.identity import Identity
+from myco.identity import Identity, load_or_create
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class Proc:
     """A child process that printed a line matching `ready` (by default `... listening on
-    URL`, whose URL is `url`); its output is kept in `lines`."""
+    URL`, whose URL is `url`); its output is kept in `lines`.  `node_id`: the id it serves
+    mutual TLS with, where it does."""
+
+    node_id = ""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None,
                  timeout: float = 60.0, ready: str = r"listening on (https?://\S+)") -> None:
@@ -90,10 +93,14 @@ def fake_upstream(name: str, *models: str, node_for: Identity | None = None) -> 
     args = [sys.executable, "-m", "bench.fake_upstream", "--name", name]
     for model in models:
         args += ["--model", model]
+    state = None
     if node_for is not None:
         state = Path(tempfile.mkdtemp(prefix=f"myco-fake-{name}-"))
         args += ["--tls-state", str(state), "--trust", node_for.cert_path]
-    return Proc(args)
+    proc = Proc(args)
+    if state is not None:
+        proc.node_id = load_or_create(state, name).id  # the identity it created at start
+    return proc
 
 
 def run_myco(*args: str, env: dict[str, str] | None = None,

@@ -29,6 +29,7 @@ def gw(start_gateway: PolicyFactory, hangup_port: int,
     proc = start_gateway(f"""
 [nodes.good]
 address = "{fake.address}"
+id = "{fake.node_id}"
 [nodes.dead]
 address = "127.0.0.1:9"
 [upstreams.hangup]
@@ -69,7 +70,7 @@ CASES = [
     (b'{"model": "forbidden-x"}', 403, "permission_error", None,
      "denied by policy rule routes[0]: not on this network"),
     (b'{"model": "dead-x"}', 503, "api_error", None, "dead: unhealthy"),
-    (b'{"model": "hangup"}', 502, "api_error", None, "hangup failed"),
+    (b'{"model": "hangup"}', 502, "api_error", None, "hangup: failed before answering"),
     (b'{"model": "closed"}', 502, "api_error", None, "every target failed"),
     (b'{"model": "m1", "pad": "' + b"x" * 5000 + b'"}', 413, "invalid_request_error", None,
      "too large"),

@@ -34,8 +34,10 @@ def listing(fakes: dict[str, Proc]) -> str:
     return f"""
 [nodes.a]
 address = "{fakes['a'].address}"
+id = "{fakes['a'].node_id}"
 [nodes.b]
 address = "{fakes['b'].address}"
+id = "{fakes['b'].node_id}"
 [nodes.dead]
 address = "127.0.0.1:9"
 [upstreams.lan]
@@ -121,8 +123,8 @@ def test_dry_run_and_real_routing_agree(gateways: dict[str, Proc], policy: str, 
     assert real.headers["x-myco-rule"] == dry["rule_name"]
     if dry["allowed"]:
         assert real.headers["x-myco-node"] == dry["target"]
-        assert real.headers["x-upstream"] == dry["target"] if dry["target"] != "lan" \
-            else real.headers["x-upstream"] == "up"
+        answered = real.json()["choices"][0]["message"]["content"]
+        assert answered == f"hello from {dry['target'] if dry['target'] != 'lan' else 'up'}"
     else:
         assert real.headers["x-myco-node"] == "-"
         assert real.json()["error"]["message"] == dry["message"]
