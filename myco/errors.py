@@ -2,7 +2,8 @@
 
     MycoError                      status  type
     ├── BadRequest                 400     invalid_request_error
-    │   └── BodyTooLarge           413     invalid_request_error
+    │   ├── BodyTooLarge           413     invalid_request_error
+    │   └── UnsupportedMediaType   415     invalid_request_error
     ├── Unauthorized               401     authentication_error
     ├── Denied                     403     permission_error
     ├── ModelNotFound              404     invalid_request_error (code model_not_found)
@@ -57,6 +58,11 @@ class BadRequest(MycoError):
 class BodyTooLarge(BadRequest):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class Unauthorized(MycoError):

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from myco.guard import ConnectionLimits, protocol
+
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -30,12 +32,15 @@ def url_of(sock: socket.socket, scheme: str = "http") -> str:
 
 
 def serve(app: Any, sock: socket.socket, what: str,
-          tls: ssl.SSLContext | None = None) -> None:
+          tls: ssl.SSLContext | None = None,
+          limits: ConnectionLimits | None = None) -> None:
     """Serve on `sock` (see `bind`) until SIGINT/SIGTERM; print `<what> listening on <url>`
-    once accepting.  With `tls` (see myco/tls.py) every connection is TLS with that context."""
+    once accepting.  With `tls` (see myco/tls.py) every connection is TLS with that context.
+    Connections are held to `limits` (myco/guard.py: its defaults); no WebSocket is accepted."""
     url = url_of(sock, "https" if tls else "http")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5,
+                            timeout_graceful_shutdown=5, ws="none",
+                            http=protocol(limits or ConnectionLimits()),
                             ssl_context_factory=(lambda *_: tls) if tls else None)
     server = uvicorn.Server(config)
 
