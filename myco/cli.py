@@ -7,15 +7,14 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
+
+from myco import lifeline
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8787"
 
@@ -59,7 +58,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         sys.exit(2)
     logging.getLogger("myco.gateway").info(
         "gateway id %s (pair a node with it: `myco node allow %s`)", identity.id, identity.id)
-    serve(app, bind(settings.host, settings.port), "myco gateway")
+    serve(app, bind(settings.host, settings.port), "myco gateway", limits=settings)
 
 
 def cmd_node(args: argparse.Namespace) -> None:
@@ -103,7 +102,7 @@ def cmd_node(args: argparse.Namespace) -> None:
     else:
         log.warning("no gateway is paired with this node: it refuses every connection until "
                     "`myco node allow GATEWAY_ID` (the gateway logs its id at start)")
-    serve(create_app(agent), sock, "myco node", tls=tls)
+    serve(create_app(agent), sock, "myco node", tls=tls, limits=settings)
 
 
 def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
@@ -115,14 +114,15 @@ def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
     if args.cert:  # a file the person chose: its certificate is the one to trust
         pem, name = Path(args.cert).read_text(encoding="ascii"), args.cert
     elif args.peer:  # fetched over the network: it must be the id the person typed
-        pem, name = _gateway_call(args, "GET", "/v1/identity")["certificate"], args.gateway
+        found = _gateway_call(args, "GET", "/v1/identity")
+        pem, name = str(found.get("certificate") if isinstance(found, dict) else ""), args.gateway
     else:
         raise SystemExit("myco: which gateway? `myco node allow GATEWAY_ID` "
                          "(`myco gateway id` prints it), or --cert FILE")
     try:
         gateway_id = args.peer or certificate_id(pem)
         added = pairing.add(state_dir, gateway_id, pem, name)
-    except ValueError as exc:
+    except (ValueError, pairing.PairingError) as exc:
         raise SystemExit(f"myco: not paired: {exc}") from None
     print(f"{'paired' if added else 'already paired:'} gateway {gateway_id} "
           f"({state_dir / pairing.FILE}); a running node serves it within a second")
@@ -276,71 +276,10 @@ def cmd_hw(args: argparse.Namespace) -> None:
         print(f"  {fit.model}: {fit.fit} - {fit.reason}")
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[str], tls: Any, timeout: float = 60) -> None:
-    """Until `url` answers, so the gateway's first health check finds the node up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url, timeout=1, verify=tls).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit(f"myco: the node did not come up at {url}")
-
-
 def cmd_up(args: argparse.Namespace) -> None:
-    """Start a local node and a gateway, paired with each other; stop both on Ctrl-C."""
-    from gateway.settings import GatewaySettings
-    from myco.identity import load_or_create
-    from myco.tls import client_context
-    from nodeagent import pairing
-    from nodeagent.settings import NodeSettings
+    from myco.up import up
 
-    _policy_or_exit(args.policy)
-    gateway_id = load_or_create(Path(GatewaySettings.from_env().state_dir), "myco gateway")
-    node_settings = NodeSettings.from_env()
-    load_or_create(Path(node_settings.state_dir), node_settings.name)
-    # One machine, one user: the local node serves the local gateway.
-    pairing.add(Path(node_settings.state_dir), gateway_id.id, gateway_id.pem(), "myco up")
-    me = [sys.executable, "-m", "myco.cli"]
-    # Children get their own session: Ctrl-C reaches only us, and we stop them once, in order.
-    node = subprocess.Popen([*me, "node", "--port", str(args.node_port)], text=True,
-                            start_new_session=True)
-    procs = [node]
-    try:
-        _wait_healthy(f"https://127.0.0.1:{args.node_port}/health", node,
-                      client_context(gateway_id))
-        gateway = subprocess.Popen([*me, "gateway", "--policy", args.policy, "--port",
-                                    str(args.port)], stdout=subprocess.PIPE, text=True,
-                                   start_new_session=True)
-        procs.append(gateway)
-        assert gateway.stdout is not None
-        line = gateway.stdout.readline()
-        if not line:
-            raise SystemExit("myco: the gateway did not start")
-        print(line, end="", flush=True)
-        stdout = gateway.stdout
-        threading.Thread(target=lambda: [print(x, end="", flush=True) for x in stdout],
-                         daemon=True).start()  # keep the pipe drained
-        url = line.rsplit(" ", 1)[-1].strip()
-        print(f"\nmycoSwarm is up. In another terminal:\n\n"
-              f"  export OPENAI_BASE_URL={url}/v1\n"
-              f"  export OPENAI_API_KEY=local   # any value; the default policy asks for none\n\n"
-              f"Ctrl-C stops the gateway and the node.", flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.2)
-        raise SystemExit("myco: a process exited; stopping")
-    except KeyboardInterrupt:
-        print("\nmyco: stopping", flush=True)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    up(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -429,6 +368,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if os.environ.get(lifeline.PARENT):  # started by `myco up`: stop when it ends
+        lifeline.die_with_parent(signal.SIGTERM)
     args.func(args)
 
 

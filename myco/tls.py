@@ -4,8 +4,8 @@ Every identity is a self-signed certificate (`myco.identity`), so there is no CA
 check each other differently, because Python's `ssl` has no verify callback:
 
 - A server (a node agent) requires a client certificate and trusts exactly the certificates it
-  was paired with: each is loaded as a trust anchor, so OpenSSL itself refuses anyone else
-  during the handshake.
+  was paired with: each is loaded as a trust anchor (`trust`: exactly one, or a second one
+  smuggled behind it would be trusted too), so OpenSSL refuses anyone else in the handshake.
 - A client (the gateway, a head node) knows only the id it expects.  It skips chain
   verification and compares the fingerprint of the certificate the server presented with the
   pinned id (`check_peer`) before it sends a single byte.  No hostname is involved: an id names
@@ -14,10 +14,14 @@ check each other differently, because Python's `ssl` has no verify callback:
 
 from __future__ import annotations
 
+import base64
+import re
 import ssl
 from collections.abc import Iterable
 
 from myco.identity import Identity, id_of
+
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
 
 
 class IdentityMismatch(ssl.SSLError):
@@ -30,10 +34,14 @@ def server_context(identity: Identity, trusted_pems: Iterable[str]) -> ssl.SSLCo
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(identity.cert_path, identity.key_path)
     context.verify_mode = ssl.CERT_REQUIRED
-    pems = "".join(trusted_pems)
-    if pems:
-        context.load_verify_locations(cadata=pems)
+    for pem in trusted_pems:
+        trust(context, pem)
     return context
+
+
+def trust(context: ssl.SSLContext, pem: str) -> None:
+    """Add the one certificate `pem` holds to `context`'s trust anchors (ValueError otherwise)."""
+    context.load_verify_locations(cadata=single_certificate(pem))
 
 
 def client_context(identity: Identity) -> ssl.SSLContext:
@@ -49,9 +57,18 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     return context
 
 
+def single_certificate(pem: str) -> str:
+    """`pem` re-encoded; ValueError unless it is one PEM certificate and nothing else."""
+    found = _PEM.fullmatch(pem.strip())
+    if found is None:
+        raise ValueError(f"expected exactly one PEM certificate and nothing else, found "
+                         f"{pem.count('-----BEGIN ')} PEM block(s)")
+    return ssl.DER_cert_to_PEM_cert(base64.b64decode("".join(found[1].split()), validate=True))
+
+
 def certificate_id(pem: str) -> str:
-    """The id of a PEM certificate; ValueError if it is not one."""
-    return id_of(ssl.PEM_cert_to_DER_cert(pem.strip()))
+    """The id of a PEM certificate; ValueError unless `pem` is exactly one."""
+    return id_of(ssl.PEM_cert_to_DER_cert(single_certificate(pem)))
 
 
 def peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:

@@ -3,7 +3,7 @@
     request -> check the body -> find the model in the store -> take a place in its queue ->
     runner (started on first use) -> relay the runner's answer, bytes as they come
 
-A request with an `x-myco-split` header (`wire.Split`, planned by the gateway) is served by a
+A request with an `x-myco-split` header (`protocol.Split`, planned by the gateway) is served by a
 runner loaded with that split, on this node as the head; `POST /node/rpc/lease` lends this
 node's devices to other heads (nodeagent/lending.py).
 """
@@ -23,10 +23,13 @@ import httpx
 import msgspec
 from litestar import Litestar, Request, get, post
 
+from myco import protocol
 from myco.errors import ModelNotFound, TargetFailed, Unavailable
+from myco.guard import request_guard
 from myco.handlers import exception_handlers
 from myco.identity import Identity
-from myco.proxy import relay
+from myco.protocol import Capabilities
+from myco.proxy import relay, unless_gone
 from nodeagent import capability, hardware, pairing, wire
 from nodeagent.announce import Announcer
 from nodeagent.lending import Lender
@@ -59,16 +62,17 @@ class NodeAgent:
         self.lender = Lender(identity, host=settings.host,
                              cache_dir=Path(settings.state_dir) / "rpc-cache",
                              threads=settings.threads or os.cpu_count() or 1,
-                             idle=settings.lend_idle, memory_limit=settings.memory_limit)
+                             idle=settings.lend_idle, memory_limit=settings.memory_limit,
+                             cache_limit=settings.rpc_cache_limit)
         self.started = time.time()
 
-    def capabilities(self, models: list[ModelMeta] | None = None) -> capability.Capabilities:
+    def capabilities(self, models: list[ModelMeta] | None = None) -> Capabilities:
         return capability.classify(self.hardware, self.store.list() if models is None else models,
                                    self.settings.n_ctx, memory_limit=self.settings.memory_limit)
 
     async def infer(self, request: Request[Any, Any, Any]) -> Any:
         raw = await request.body()
-        body = wire.decode(raw, _BODIES[request.url.path])
+        body = wire.decode(raw, _BODIES[request.url.path], n_ctx=self.settings.n_ctx)
         split = wire.split_header(request.headers.get("x-myco-split"))
         meta = self.store.get(body.model)
         if meta is None:
@@ -83,34 +87,34 @@ class NodeAgent:
         with contextlib.ExitStack() as place:
             place.enter_context(runner.admit())
             try:
-                response = await runner.client.send(runner.client.build_request(
+                response = await unless_gone(runner.client.send(runner.client.build_request(
                     "POST", request.url.path, content=raw,
-                    headers={"content-type": "application/json"}), stream=True)
+                    headers={"content-type": "application/json"}), stream=True),
+                    request.receive)
             except httpx.HTTPError as exc:
                 raise TargetFailed(f"runner for {meta.id} failed: {type(exc).__name__}") from None
             # The place is held until the response is relayed to its end (a stream: later).
             return await relay(response, {"x-myco-node": self.settings.name},
-                               place.pop_all().close)
+                               place.pop_all().close, receive=request.receive)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> protocol.NodeInfo:
         now = await asyncio.to_thread(hardware.detect)
         models, runners = self.store.list(), sorted(self.pool.runners.items())
-        return {"name": self.settings.name, "id": self.identity.id, "version": VERSION,
-                "certificate": self.identity.pem(),
-                "uptime_s": round(time.time() - self.started, 1),
-                "hardware": msgspec.to_builtins(now),
-                "capabilities": msgspec.to_builtins(self.capabilities(models)),
-                "models": [msgspec.to_builtins(m) for m in models],
-                "loaded": [k for k, _ in runners], "queue": self.pool.queue_depths(),
-                "runners": [{"model": k, "pid": r.process.pid, "pending": r.pending}
-                            for k, r in runners],
-                "n_ctx": self.settings.n_ctx, "rpc": self.lender.info(now),
-                "shapes": {m.id: msgspec.to_builtins(capability.shape(m, self.settings.n_ctx))
-                           for m in models},
-                "splits": {k: {**msgspec.to_builtins(r.split),
-                               "record": msgspec.to_builtins(r.record)}
-                           for k, r in runners if r.split is not None},
-                "lent": self.lender.lent()}
+        return protocol.NodeInfo(
+            name=self.settings.name, id=protocol.NodeId(self.identity.id), version=VERSION,
+            certificate=self.identity.pem(), uptime_s=round(time.time() - self.started, 1),
+            hardware=msgspec.to_builtins(now), capabilities=self.capabilities(models),
+            models=tuple(msgspec.to_builtins(m) for m in models),
+            loaded=tuple(k for k, _ in runners), queue=self.pool.queue_depths(),
+            runners=tuple(protocol.RunnerState(k, r.process.pid, r.pending)
+                          for k, r in runners),
+            n_ctx=self.settings.n_ctx, rpc=msgspec.convert(self.lender.info(now),
+                                                           protocol.RpcInfo),
+            shapes={m.id: capability.shape(m, self.settings.n_ctx) for m in models},
+            splits={k: protocol.SplitState(**msgspec.structs.asdict(r.split),
+                                           record=msgspec.to_builtins(r.record))
+                    for k, r in runners if r.split is not None},
+            lent=msgspec.convert(self.lender.lent(), tuple[protocol.Lent, ...]))
 
     def model_list(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -152,14 +156,14 @@ def create_app(agent: NodeAgent) -> Litestar:
 
     @post("/node/rpc/lease", status_code=200)
     async def lease(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        return await agent.lender.lease(wire.decode(await request.body(), wire.LeaseRequest))
+        return await agent.lender.lease(wire.decode(await request.body(), protocol.LeaseRequest))
 
     @get("/v1/models")
     async def models() -> dict[str, Any]:
         return agent.model_list()
 
     @get("/node/info")
-    async def info() -> dict[str, Any]:
+    async def info() -> protocol.NodeInfo:
         return await agent.info()
 
     @get("/health")
@@ -168,4 +172,5 @@ def create_app(agent: NodeAgent) -> Litestar:
 
     return Litestar(route_handlers=[infer, lease, models, info, health], lifespan=[lifespan],
                     exception_handlers=exception_handlers({"x-myco-node": agent.settings.name}),
+                    middleware=[request_guard(None)],  # JSON only; mutual TLS: any Host
                     openapi_config=None, logging_config=None, debug=False)

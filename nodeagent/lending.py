@@ -4,6 +4,10 @@
     (nodeagent/rpcworker.py, on 127.0.0.1) started unless it runs, the head granted at this
     node's TunnelExit, which relays to it -> {tunnel_port, protocol, device, worker_port}
 
+The exit reaches a worker with sockets the worker makes for it in its own network namespace
+(`Lease.dial`): where Linux allows one, no other process can reach the worker's port.  The
+weights a worker keeps for reloads are capped (nodeagent/rpccache.py).
+
 ggml's RPC server serves one head at a time: one worker and one lease per device, and a head
 reaches one worker here (the exit maps a head to one port).  A lease colliding with another
 (same device or same head; another head or model) is refused (Unavailable, naming the holder)
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -25,10 +30,12 @@ from typing import Any
 
 from myco.errors import BadRequest, Unavailable
 from myco.identity import Identity, parse_id
+from myco.protocol import LeaseRequest, RpcVersion
 from myco.tls import certificate_id
-from nodeagent import capability, child, rpc, wire
+from nodeagent import capability, child, rpc
 from nodeagent.hardware import Hardware
-from nodeagent.tunnel import TunnelExit
+from nodeagent.rpccache import WeightCache
+from nodeagent.tunnel import Stream, TunnelExit
 
 log = logging.getLogger("myco.node.lending")
 _READY = re.compile(rb"rpc worker listening on 127\.0\.0\.1:(\d+)")
@@ -36,9 +43,10 @@ _READY = re.compile(rb"rpc worker listening on 127\.0\.0\.1:(\d+)")
 
 class Lease:
     def __init__(self, head: str, model: str, device: str, process: asyncio.subprocess.Process,
-                 port: int) -> None:
+                 port: int, control: socket.socket) -> None:
         self.head, self.model, self.device = head, model, device
-        self.process, self.port = process, port
+        self.process, self.port, self.control = process, port, control
+        self._dialing = asyncio.Lock()  # one request, one socket on `control`
         self.seen = time.monotonic()  # the lease, or the last time its head was connected
         assert process.stdout is not None
         # ggml writes a line per connection to stdout: read it, or a full pipe stalls the worker
@@ -48,13 +56,38 @@ class Lease:
     def alive(self) -> bool:
         return self.process.returncode is None
 
+    async def dial(self) -> Stream:
+        """A connection to the worker's port, from a socket of the worker's network."""
+        async with self._dialing:
+            sock = await asyncio.to_thread(_socket_from, self.control)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def stop(self) -> None:
+        await child.stop(self.process)
+        self.control.close()
+
+
+def _socket_from(control: socket.socket) -> socket.socket:
+    """A new TCP socket made by the rpc worker at the other end of `control` (SCM_RIGHTS)."""
+    control.sendall(b"s")
+    _, fds, _, _ = socket.recv_fds(control, 1, 1)
+    if not fds:
+        raise ConnectionError("the rpc worker is gone")
+    return socket.socket(fileno=fds[0])
+
 
 async def _drain(stream: asyncio.StreamReader) -> None:
     while await stream.read(1 << 16):
         pass
 
 
-def _build() -> tuple[rpc.RpcVersion | None, list[str]]:
+def _build() -> tuple[RpcVersion | None, list[str]]:
     """This build's RPC protocol and ggml's GPU device names (it imports llama.cpp)."""
     version = rpc.protocol_version()
     return version, [n for n in rpc.device_names() if n.startswith("CUDA")] if version else []
@@ -62,11 +95,13 @@ def _build() -> tuple[rpc.RpcVersion | None, list[str]]:
 
 class Lender:
     def __init__(self, identity: Identity, *, host: str, cache_dir: Path, threads: int,
-                 idle: float, memory_limit: int | None, ready_timeout: float = 30.0) -> None:
+                 idle: float, memory_limit: int | None, cache_limit: int,
+                 ready_timeout: float = 30.0) -> None:
         self.exit = TunnelExit(identity)
-        self.protocol: rpc.RpcVersion | None = None
+        self.cache = WeightCache(cache_dir, cache_limit)
+        self.protocol: RpcVersion | None = None
         self.leases: dict[str, Lease] = {}  # device -> lease
-        self._host, self._cache_dir, self._threads = host, cache_dir, threads
+        self._host, self._threads = host, threads
         self._idle, self._limit, self._ready_timeout = idle, memory_limit, ready_timeout
         self._gpus: list[str] = []
         self._lock = asyncio.Lock()
@@ -79,13 +114,15 @@ class Lender:
             log.info("this llama.cpp build has no RPC (-DGGML_RPC=on): this node lends nothing")
             return
         await self.exit.start(self._host)
+        self.cache.start()
         self._reaper = asyncio.create_task(self._reap(min(1.0, self._idle / 4)))
 
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
         await self.exit.close()
-        await asyncio.gather(*(child.stop(lease.process) for lease in self.leases.values()))
+        self.cache.close()
+        await asyncio.gather(*(lease.stop() for lease in self.leases.values()))
 
     def info(self, hw: Hardware) -> dict[str, Any]:
         """/node/info's "rpc": the protocol, the tunnel port, each device and what it lends."""
@@ -106,7 +143,7 @@ class Lender:
                  "connections": self.exit.connections(lease.head)}
                 for device, lease in sorted(self.leases.items())]
 
-    async def lease(self, req: wire.LeaseRequest) -> dict[str, Any]:
+    async def lease(self, req: LeaseRequest) -> dict[str, Any]:
         """Lend `req.device` to the head; BadRequest for a bad id, certificate or device,
         Unavailable without RPC, when the device or the head is in use, or the worker fails."""
         if self.protocol is None:
@@ -133,7 +170,7 @@ class Lender:
                     await self._end(other, "replaced" if other.alive else "its worker exited")
                 lease = await self._start_worker(head, req.model, req.device)
                 self.leases[req.device] = lease
-            self.exit.grant(head, req.head_certificate, lease.port)
+            self.exit.grant(head, req.head_certificate, lease.dial)
             lease.seen = time.monotonic()
         log.info("lent %s to head %s for %s (rpc worker 127.0.0.1:%d, pid %d)", req.device,
                  head, req.model, lease.port, lease.process.pid)
@@ -142,26 +179,31 @@ class Lender:
                 "device": req.device, "worker_port": lease.port}
 
     async def _start_worker(self, head: str, model: str, device: str) -> Lease:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nodeagent.rpcworker", "--port", "0", "--cache-dir",
-            str(self._cache_dir), "--threads", str(self._threads), "--device", device,
-            stdout=asyncio.subprocess.PIPE, env=child.env())
+        ours, theirs = socket.socketpair()
+        with theirs:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nodeagent.rpcworker", "--port", "0", "--cache-dir",
+                str(self.cache.dir_for(head)), "--threads", str(self._threads), "--device",
+                device, "--control-fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),),
+                stdout=asyncio.subprocess.PIPE, env=child.env())
         assert process.stdout is not None
+        ours.settimeout(self._ready_timeout)
         ready = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._ready_timeout):
                 while ready is None and (line := await process.stdout.readline()):
                     ready = _READY.search(line)
         if ready is None:
+            ours.close()
             await child.stop(process)
             raise Unavailable(f"the rpc worker for {device} did not start (exit code "
                               f"{process.returncode}); see the node log")
-        return Lease(head, model, device, process, int(ready[1]))
+        return Lease(head, model, device, process, int(ready[1]), ours)
 
     async def _end(self, lease: Lease, why: str) -> None:
         del self.leases[lease.device]
         self.exit.revoke(lease.head)
-        await child.stop(lease.process)
+        await lease.stop()
         log.info("ended the lease of %s to head %s (%s)", lease.device, lease.head, why)
 
     async def _reap(self, interval: float) -> None:

@@ -3,7 +3,8 @@
 A node answers only gateways it was paired with.  Pairing stores the gateway's certificate,
 because the node's TLS server can only trust a self-signed certificate it holds (see
 myco/tls.py); the table key is the gateway's id, which is checked against the certificate on
-every load, so an edited file cannot smuggle another key in:
+every load, so an edited file cannot smuggle another key in, and an entry must hold exactly
+one certificate (a second one behind it would be trusted too):
 
     # Gateways this node serves.  `myco node allow GATEWAY_ID` adds one.
     ["AAAAAAA-...-AAAAAAA"]
@@ -27,7 +28,7 @@ import tomllib
 from pathlib import Path
 
 from myco.identity import parse_id
-from myco.tls import certificate_id
+from myco.tls import certificate_id, single_certificate, trust
 
 log = logging.getLogger("myco.node.pairing")
 FILE = "gateways.toml"
@@ -58,14 +59,15 @@ def load(state_dir: Path) -> dict[str, str]:
             raise PairingError(f"{path}: [{key!r}]: {exc}") from None
         if found != expected:
             raise PairingError(f"{path}: [{key!r}]: the certificate's id is {found}")
-        paired[expected] = pem
+        paired[expected] = single_certificate(pem)
     return paired
 
 
 def add(state_dir: Path, gateway_id: str, pem: str, name: str = "") -> bool:
-    """Pair a gateway (False if it already was); ValueError if `pem` is not `gateway_id`'s.
-    The file's other lines are kept as they were."""
+    """Pair a gateway (False if it already was); ValueError unless `pem` is exactly one
+    certificate, `gateway_id`'s.  The file's other lines are kept as they were."""
     expected = parse_id(gateway_id)
+    pem = single_certificate(pem)
     found = certificate_id(pem)
     if found != expected:
         raise ValueError(f"the certificate offered is {found}, not {expected}")
@@ -101,6 +103,6 @@ async def follow(state_dir: Path, context: ssl.SSLContext, known: set[str], *,
             continue
         for gateway_id, pem in paired.items():
             if gateway_id not in known:
-                context.load_verify_locations(cadata=pem)
+                trust(context, pem)
                 known.add(gateway_id)
                 log.info("now serving gateway %s", gateway_id)

@@ -10,22 +10,22 @@ from collections.abc import Mapping
 import msgspec
 import platformdirs
 
+from myco.guard import ConnectionLimits
 from nodeagent.store import default_models_dir
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str = "memory limit") -> int:
     """Bytes from "300M", "2G", "1.5GiB" or "123456" (binary units, as in 1M = 2**20);
-    ValueError otherwise."""
+    ValueError naming `what` otherwise."""
     found = _SIZE.fullmatch(text.strip())
     if found is None:
-        raise ValueError(f"memory limit {text!r}: give bytes, or a number with K, M, G or T "
-                         "(300M)")
+        raise ValueError(f"{what} {text!r}: give bytes, or a number with K, M, G or T (300M)")
     return int(float(found[1]) * 1024 ** "_KMGT".index(found[2].upper() or "_"))
 
 
-class NodeSettings(msgspec.Struct, frozen=True):
+class NodeSettings(ConnectionLimits, frozen=True):  # + the connection limits
     models_dir: str
     name: str
     host: str = "127.0.0.1"
@@ -40,6 +40,7 @@ class NodeSettings(msgspec.Struct, frozen=True):
     memory_limit: int | None = None  # bytes this node uses for models and lends; None: all
     unload_after: float = 900.0  # seconds without a request in flight before a runner stops
     lend_idle: float = 60.0  # seconds a lent rpc worker waits for its head to (re)connect
+    rpc_cache_limit: int = 4 * 2**30  # bytes of weights lent devices keep for reloads
 
     @property
     def announce_on(self) -> str | None:
@@ -60,6 +61,7 @@ class NodeSettings(msgspec.Struct, frozen=True):
             if env is not None:
                 values[field] = env
         values.update({k: v for k, v in flags.items() if v is not None})
-        if isinstance(limit := values.get("memory_limit"), str):
-            values["memory_limit"] = parse_size(limit)
+        for field in ("memory_limit", "rpc_cache_limit"):
+            if isinstance(size := values.get(field), str):
+                values[field] = parse_size(size, field.replace("_", " "))
         return msgspec.convert(values, cls, strict=False)

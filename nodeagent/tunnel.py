@@ -8,7 +8,8 @@ worker on another host through this tunnel and nothing else:
 - `TunnelEntrance` listens on 127.0.0.1; per connection it dials the exit as its identity and
   checks the exit's id against the pinned worker id before it relays a byte.
 - `TunnelExit` listens on the LAN and requires a client certificate.  `grant` adds a trusted
-  peer and the one local port it may reach; `revoke` removes it and ends its connections.
+  peer and the one local port it may reach (or how to dial it: nodeagent/lending.py dials a
+  worker in its own network); `revoke` removes it and ends its connections.
   OpenSSL refuses unknown certificates in the handshake; the allow-set is checked again after
   it, so a peer revoked while its handshake was running is still refused.  The worker is
   dialled only when the peer's first bytes arrive (RPC's client speaks first).
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 from myco import tls
@@ -34,6 +36,7 @@ from myco.identity import Identity
 log = logging.getLogger("myco.node.tunnel")
 CHUNK = 256 * 1024
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Dial = Callable[[], Awaitable[Stream]]
 
 
 class Refused(Exception):
@@ -170,23 +173,24 @@ class TunnelExit(_Listener):
     def __init__(self, identity: Identity, *, timeout: float = 10.0) -> None:
         super().__init__("tunnel exit", timeout)
         self.identity = identity
-        self._grants: dict[str, tuple[str, int]] = {}  # peer id -> (certificate, port)
+        self._grants: dict[str, tuple[str, int | Dial]] = {}  # peer id -> (certificate, target)
         self._context = tls.server_context(identity, ())
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on (host, port); returns the bound port."""
         return await self._listen(host, port)
 
-    def grant(self, peer_id: str, peer_cert_pem: str, target_port: int) -> None:
-        """Let `peer_id` reach 127.0.0.1:`target_port` (replacing a previous grant).
+    def grant(self, peer_id: str, peer_cert_pem: str, target: int | Dial) -> None:
+        """Let `peer_id` reach 127.0.0.1:`target`, or what `target()` connects to (replacing a
+        previous grant).
 
-        ValueError if the certificate's id is not `peer_id`.
+        ValueError unless the certificate is exactly one, and `peer_id`'s.
         """
         found = tls.certificate_id(peer_cert_pem)
         if found != peer_id:
             raise ValueError(f"the certificate is {found}, not {peer_id}")
-        self._context.load_verify_locations(cadata=peer_cert_pem)  # OpenSSL can only add
-        self._grants[peer_id] = (peer_cert_pem, target_port)
+        tls.trust(self._context, peer_cert_pem)  # OpenSSL can only add
+        self._grants[peer_id] = (peer_cert_pem, target)
 
     def revoke(self, peer_id: str) -> None:
         """Refuse `peer_id` from now on and end its open connections."""
@@ -211,16 +215,17 @@ class TunnelExit(_Listener):
             first = await reader.read(CHUNK)
             if not first:
                 raise Refused("closed before sending anything")
-            worker = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", target),
-                                            self.timeout)
+            dial = asyncio.open_connection("127.0.0.1", target) if isinstance(target, int) \
+                else target()
+            worker = await asyncio.wait_for(dial, self.timeout)
         except (OSError, Refused) as exc:
             log.warning("tunnel exit: refused %s: %s", who, _why(exc))
             await _close(self.timeout, writer)
             return
         _nodelay(worker[1])
         worker[1].write(first)
-        await self._relay(f"{who} -> 127.0.0.1:{target}", (reader, writer), worker,
-                          [len(first), 0])
+        where = f"127.0.0.1:{target}" if isinstance(target, int) else "its worker"
+        await self._relay(f"{who} -> {where}", (reader, writer), worker, [len(first), 0])
 
 
 class TunnelEntrance(_Listener):

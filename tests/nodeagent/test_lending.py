@@ -21,10 +21,10 @@ import psutil
 import pytest
 
 from myco.identity import Identity
+from myco.layers import layer_split
 from myco.tls import certificate_id
 from nodeagent import capability
 from nodeagent.settings import NodeSettings, parse_size
-from nodeagent.split import layer_split
 from nodeagent.store import ModelMeta, ModelStore
 from tests.conftest import MODEL_ID, paired_state
 from tests.procs import Proc, myco

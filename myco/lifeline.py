@@ -1,0 +1,35 @@
+"""Child processes that end with the process that started them, whatever ends it.
+
+The parent starts a child with `env()` and the child calls `die_with_parent()` first: Linux
+then sends it a signal when the parent's thread that started it ends (PR_SET_PDEATHSIG), also
+when the parent was killed with SIGKILL and could clean nothing up.  A parent starts children
+from a thread that lives as long as it does (its main thread, its event loop's thread).  The
+child checks the parent pid in $MYCO_PARENT_PID once the signal is set, so a parent that died
+in between is noticed too.  Elsewhere than on Linux nothing happens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PARENT = "MYCO_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for a child: ours, `extra`, and our pid for `die_with_parent`."""
+    return {**os.environ, **extra, PARENT: str(os.getpid())}
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Receive `sig` when the parent dies (SIGTERM: to stop cleanly).  Exits at once if the
+    parent named in $MYCO_PARENT_PID died before this call could take effect."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+    parent = os.environ.get(PARENT)
+    if parent and os.getppid() != int(parent):
+        sys.exit("the process that started this one is gone")
