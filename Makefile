@@ -18,7 +18,7 @@ $(VENV)/.base: pyproject.toml scripts/llama-wheel.sh
 	$(BIN)/pip install --disable-pip-version-check -e ".[node]"
 	@touch $@
 
-$(VENV)/.test: $(VENV)/.base
+$(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -e ".[node,test]"
 	@touch $@
 
