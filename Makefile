@@ -33,7 +33,8 @@ up: setup model
 lint: $(VENV)/.test
 	@bash scripts/line-budget.sh
 	$(BIN)/ruff check .
-	$(BIN)/mypy gateway myco nodeagent bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy mycoswarm gateway myco nodeagent bench
 
 test: lint model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -83,7 +83,7 @@ class Proc:
 def myco(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
          prefix: list[str] | None = None) -> Proc:
     """`myco ARGS` as a process; `prefix` runs it inside something (a network namespace)."""
-    return Proc([*(prefix or []), sys.executable, "-m", "myco.cli", *args], env=env,
+    return Proc([*(prefix or []), sys.executable, "-m", "mycoswarm.cli", *args], env=env,
                 timeout=timeout)
 
 
@@ -105,6 +105,6 @@ def fake_upstream(name: str, *models: str, node_for: Identity | None = None) -> 
 
 def run_myco(*args: str, env: dict[str, str] | None = None,
              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "myco.cli", *args], cwd=ROOT, text=True,
+    return subprocess.run([sys.executable, "-m", "mycoswarm.cli", *args], cwd=ROOT, text=True,
                           capture_output=True, env={**os.environ, **(env or {})},
                           timeout=timeout)

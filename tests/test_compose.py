@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from myco.cli import parser
+from mycoswarm.cli import parser
 from tests.procs import ROOT, run_myco
 
 COMPOSE = ROOT / "compose"

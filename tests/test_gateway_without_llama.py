@@ -22,7 +22,7 @@ def test_gateway_serves_with_llama_cpp_unimportable(tmp_path: Path) -> None:
 import sys
 sys.modules["llama_cpp"] = None  # any import of it now fails
 sys.argv = ["myco", "policy", "check", "{ROOT / 'policies/default.toml'}"]
-from myco.cli import main
+from mycoswarm.cli import main
 main()
 from gateway.app import create_app
 from gateway.policy import load

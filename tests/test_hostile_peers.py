@@ -124,7 +124,7 @@ def test_a_node_refuses_a_stored_entry_with_two_certificates(
         f'["{gateway_identity.id}"]\nname = "mitm"\n'
         f"certificate = '''\n{gateway_identity.pem()}{attacker.pem()}'''\n")
     node = subprocess.Popen(
-        [sys.executable, "-m", "myco.cli", "node", "--port", "0", "--state-dir", str(tmp_path),
+        [sys.executable, "-m", "mycoswarm.cli", "node", "--port", "0", "--state-dir", str(tmp_path),
          "--models", str(tmp_path)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)
     try:

@@ -23,7 +23,7 @@ def blocks(language: str) -> list[str]:
 def localize(text: str, gateway: Proc) -> str:
     """Point the README's 127.0.0.1:8787 at the test gateway, and `.venv/bin/myco` at ours."""
     text = text.replace("http://127.0.0.1:8787", gateway.url)
-    return text.replace(".venv/bin/myco", f"{sys.executable} -m myco.cli")
+    return text.replace(".venv/bin/myco", f"{sys.executable} -m mycoswarm.cli")
 
 
 def test_first_screen_shows_the_two_commands() -> None:

@@ -42,7 +42,7 @@ class Up:
         self.node_state = tmp / "node-state"
         self.env = {"MYCO_MODELS": str(models), "XDG_STATE_HOME": str(tmp / "state"),
                     "MYCO_NODE_STATE_DIR": str(self.node_state)}
-        self.proc = Proc([sys.executable, "-m", "myco.cli", *self.args()], env=self.env,
+        self.proc = Proc([sys.executable, "-m", "mycoswarm.cli", *self.args()], env=self.env,
                          ready=r"export OPENAI_BASE_URL=(\S+)/v1")
         self.url = self.proc.url
         self.children = psutil.Process(self.proc.popen.pid).children()

@@ -76,7 +76,7 @@ def up(args: argparse.Namespace, grace: float = 10.0) -> None:
     _check_free(node_settings.host, args.node_port, node_url, "node", "name", "--node-port", tls)
     # One machine, one user: the local node serves the local gateway.
     pairing.add(Path(node_settings.state_dir), gateway_id.id, gateway_id.pem(), "myco up")
-    me = [sys.executable, "-m", "myco.cli"]
+    me = [sys.executable, "-m", "mycoswarm.cli"]
     for sig in (signal.SIGHUP, signal.SIGTERM):  # stop as for Ctrl-C
         signal.signal(sig, signal.default_int_handler)
     node = subprocess.Popen([*me, "node", "--port", str(args.node_port)], text=True,

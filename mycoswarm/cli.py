@@ -277,7 +277,7 @@ def cmd_hw(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    from myco.up import up
+    from mycoswarm.up import up
 
     up(args)
 

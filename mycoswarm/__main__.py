@@ -1,0 +1,3 @@
+from mycoswarm.cli import main
+
+main()
