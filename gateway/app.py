@@ -24,13 +24,14 @@ from litestar.response import Stream
 
 from gateway.audit import Attempt, AuditEntry, AuditLog, bounded
 from gateway.egress import Egress, EgressDenied
+from gateway.lease import lease
 from gateway.membership import Membership
-from gateway.placement import Plan
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
+from gateway.pool import ConnectionPool, Peer
 from gateway.resolve import Decision, RoutingRequest, resolve
 from gateway.settings import GatewaySettings, default_audit_path
-from gateway.upstream import Endpoint, UpstreamPool
 from gateway.wire import DryRunFields, RoutingFields, forwarded
+from myco import protocol
 from myco.errors import (
     Denied,
     ModelNotFound,
@@ -38,18 +39,12 @@ from myco.errors import (
     TargetFailed,
     Unauthorized,
     Unavailable,
-    error_message,
 )
 from myco.guard import allowed_names, cors, request_guard
 from myco.handlers import exception_handlers
 from myco.identity import Identity
 from myco.proxy import TargetLost, relay, unless_gone
-from myco.tls import certificate_id, client_context
-
-
-class _Lease(msgspec.Struct):
-    tunnel_port: int
-
+from myco.tls import client_context
 
 Answer = Response[bytes] | Stream
 _REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
@@ -79,20 +74,20 @@ class Gateway:
         self.keys = client_keys(policy, environ)
         self.upstream_keys = {u.name: environ.get(u.api_key_env, "")
                               for u in policy.upstreams.values() if u.api_key_env}
-        self.egress = Egress(policy.endpoints())
-        self.pool = UpstreamPool(self.egress, connect_timeout=settings.connect_timeout,
+        self.egress = Egress(policy.addresses())
+        self.pool = ConnectionPool(self.egress, connect_timeout=settings.connect_timeout,
                                  read_timeout=settings.read_timeout,
                                  node_tls=client_context(identity), node_id=identity.id)
-        self.upstreams = {u.name: Endpoint.from_url(u.base_url)
+        self.upstreams = {u.name: Peer.from_url(u.base_url)
                           for u in policy.upstreams.values()}
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
         self.members = Membership(settings, policy, self.pool, self.egress, self.audit)
 
-    def endpoint(self, target: str) -> Endpoint | None:
+    def peer(self, target: str) -> Peer | None:
         """Where to send to `target` now (None: a node whose address is not known yet)."""
         if target in self.upstreams:
             return self.upstreams[target]
-        return self.members.endpoint(target)
+        return self.members.peer(target)
 
     def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
         if not self.keys:
@@ -128,7 +123,12 @@ class Gateway:
                                self.members.strangers())
             if not decision.allowed:
                 raise _REFUSALS[decision.status](decision.message)
-            split = await self._lease(decision.plan, fields.model) if decision.plan else {}
+            split = {}
+            if decision.plan is not None:
+                plan = await lease(decision.plan, fields.model, self.members, self.pool,
+                                   self.settings.lease_timeout)
+                if plan is not None:
+                    split = {protocol.SPLIT_HEADER: msgspec.json.encode(plan).decode()}
             # Until an answer is returned no byte has reached the client: any target that
             # fails before then is followed by the next one.  A client that leaves meanwhile
             # closes the attempt in progress.
@@ -172,7 +172,7 @@ class Gateway:
                    body: bytes, split: dict[str, str], decision: Decision,
                    request_id: str) -> Answer | str:
         """`target`'s answer, or why it gave none (the next target may be tried then)."""
-        where = self.endpoint(target)
+        where = self.peer(target)
         if where is None:
             return "no address known"
         headers = {**self.headers_for(target, request), **split}
@@ -186,7 +186,7 @@ class Gateway:
                 self.members.mark_failed(target, f"connection failed: {exc}")
             outcome = "cannot connect" if connect else "failed before answering"
             return f"{outcome}: {type(exc).__name__}: {exc}"
-        if upstream.is_redirect:  # never followed: it would leave the listed endpoints
+        if upstream.is_redirect:  # never followed: it would leave the listed addresses
             await upstream.aclose()
             return f"answered with a redirect ({upstream.status_code}); redirects are not followed"
         try:
@@ -195,40 +195,6 @@ class Gateway:
                                max_body=self.settings.max_response_bytes)
         except TargetLost as exc:
             return exc.message
-
-    async def _lease(self, plan: Plan, model: str) -> dict[str, str]:
-        """Ask each worker device of `plan` to lend itself to the head; the header that tells
-        the head its split ({} when the plan needs no worker)."""
-        devices = [d for d in plan.devices if d.role == "worker"]
-        if not devices:
-            return {}
-        head_pem = self.members.certificate(plan.head)
-        head_id = self.members.node_id(plan.head)
-        if not head_pem or head_id is None or certificate_id(head_pem) != head_id:
-            raise Unavailable(f"head {plan.head} has not shown a certificate with its id yet")
-        workers = []
-        for device in devices:
-            where = self.endpoint(device.node)
-            worker_id = self.members.node_id(device.node)
-            if where is None or worker_id is None:
-                raise Unavailable(f"worker {device.node} has no known address or id")
-            body = msgspec.json.encode({"model": model, "head_id": head_id,
-                                        "head_certificate": head_pem, "device": device.device})
-            try:
-                status, answer = await self.pool.call(where, "/node/rpc/lease",
-                                                      self.settings.lease_timeout, body)
-            except (httpx.HTTPError, TimeoutError) as exc:
-                raise TargetFailed(f"worker {device.node} cannot lend {device.device}: "
-                                   f"{type(exc).__name__}: {exc}") from None
-            if status != 200:
-                raise Unavailable(f"worker {device.node} refused to lend {device.device}: "
-                                  f"{error_message(answer)}")
-            port = msgspec.json.decode(answer, type=_Lease).tunnel_port
-            workers.append({"node": device.node, "id": worker_id, "host": where.host,
-                            "tunnel_port": port})
-        return {"x-myco-split": msgspec.json.encode({
-            "n_gpu_layers": plan.n_gpu_layers, "tensor_split": plan.tensor_split,
-            "workers": workers}).decode()}
 
     def _record(self, started: float, request_id: str, endpoint: str,
                 fields: RoutingFields | None, client: str | None, decision: Decision | None,

@@ -5,7 +5,7 @@
 use) and returns an address that, with `port`, is one of the listed endpoints; anything else
 raises `EgressDenied`.  Callers then connect to that checked address, so a name cannot resolve
 differently between the check and the connect.  The gateway's one way out, the forwarding pool
-(`gateway/upstream.py`, which also carries the health checks), asks it before every new
+(`gateway/pool.py`, which also carries the health checks), asks it before every new
 connection.  Redirects are never followed.
 """
 

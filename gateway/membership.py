@@ -6,7 +6,7 @@ the judgement of discovered nodes (listed, a stranger, or an impostor whose cert
 the id it announces).  Every node is pinned to an id, loopback ones too: a node listed on
 loopback without `id` is pinned to the local node's (`local_node_id`), so another process that
 takes its port gets nothing; with no such id the node is unhealthy, saying to add `id`.
-The data path (gateway/app.py) asks it two things: `endpoint(name)`, where to send to a node
+The data path (gateway/app.py) asks it two things: `peer(name)`, where to send to a node
 now, and `views`/`strangers()`, what `resolve` decides on.
 """
 
@@ -25,10 +25,10 @@ from gateway.audit import AuditEntry, AuditLog
 from gateway.discovery import Discovered, Discovery, judge
 from gateway.egress import Egress
 from gateway.policy import Policy, PolicyError
+from gateway.pool import ConnectionPool, Peer, WrongPeer
 from gateway.resolve import NodeView
 from gateway.settings import GatewaySettings, local_node_certificate
 from gateway.swarm import SwarmWatcher, Unreachable
-from gateway.upstream import Endpoint, UpstreamPool, WrongPeer
 from myco.identity import parse_id
 from myco.tls import certificate_id
 
@@ -46,7 +46,7 @@ def local_node_id(configured: str | None, certificate: Path) -> str | None:
 
 
 class Membership:
-    def __init__(self, settings: GatewaySettings, policy: Policy, pool: UpstreamPool,
+    def __init__(self, settings: GatewaySettings, policy: Policy, pool: ConnectionPool,
                  egress: Egress, audit: AuditLog) -> None:
         self.settings, self.policy = settings, policy
         self.pool, self.egress, self.audit = pool, egress, audit
@@ -82,11 +82,11 @@ class Membership:
     def views(self) -> dict[str, NodeView]:
         return self.watcher.views
 
-    def endpoint(self, name: str) -> Endpoint | None:
+    def peer(self, name: str) -> Peer | None:
         """Where to reach node `name` now (None: listed by id, not discovered yet; or no id
         to pin it to)."""
         address, pin = self.addresses[name], self.pins[name]
-        return Endpoint.for_node(address, pin) if address and pin else None
+        return Peer.for_node(address, pin) if address and pin else None
 
     def node_id(self, name: str) -> str | None:
         """The id `name` must prove (None: none is known, it is never contacted)."""
@@ -99,26 +99,26 @@ class Membership:
     async def _node_info(self, name: str) -> bytes:
         if self.pins[name] is None:  # the local node may create its identity after we start
             self.pins[name] = local_node_id(None, local_node_certificate())
-        endpoint = self.endpoint(name)
+        peer = self.peer(name)
         if self.pins[name] is None:
             raise Unreachable(f"listed on loopback without `id`, and this machine's node id is "
                               "not known: add `id = \"...\"` (what `myco node id` prints) to "
                               f"[nodes.{name}] in the policy, or set MYCO_GATEWAY_LOCAL_NODE_ID")
-        if endpoint is None:
+        if peer is None:
             raise Unreachable("not discovered yet (listed by id; no mDNS announcement seen)")
-        return await self._info_at(endpoint)
+        return await self._info_at(peer)
 
-    async def _info_at(self, endpoint: Endpoint) -> bytes:
-        status, body = await self.pool.call(endpoint, "/node/info", self.settings.health_timeout)
+    async def _info_at(self, peer: Peer) -> bytes:
+        status, body = await self.pool.call(peer, "/node/info", self.settings.health_timeout)
         if status != 200:
             raise ValueError(f"/node/info answered {status}")
         return body
 
     def _lost(self, name: str, reason: str) -> None:
         """A healthy node failed its health check: fail what is in flight to it now."""
-        endpoint = self.endpoint(name)
-        if endpoint is not None:
-            self.pool.abort(endpoint.host, endpoint.port, f"node {name} is unhealthy: {reason}")
+        peer = self.peer(name)
+        if peer is not None:
+            self.pool.abort(peer.host, peer.port, f"node {name} is unhealthy: {reason}")
 
     def mark_failed(self, name: str, reason: str) -> None:
         self.watcher.mark_failed(name, reason)
@@ -177,7 +177,7 @@ class Membership:
         for host in found.addresses:
             self.egress.allow(host, found.port)
             try:
-                await self._info_at(Endpoint.for_node(f"{host}:{found.port}", pin))
+                await self._info_at(Peer.for_node(f"{host}:{found.port}", pin))
             except WrongPeer as exc:
                 mismatches.append(str(exc))
                 continue

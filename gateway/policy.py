@@ -180,7 +180,7 @@ class Policy(msgspec.Struct, frozen=True):
     audit: Audit
     cors_origins: tuple[str, ...] = ()  # myco/guard.py: no CORS header unless listed here
 
-    def endpoints(self) -> list[tuple[str, int]]:
+    def addresses(self) -> list[tuple[str, int]]:
         """Every host:port the policy names, that the gateway may open a connection to.
         (Discovered addresses of nodes listed by id are added as discovery finds them.)"""
         pairs = [split_host_port(n.address) for n in self.nodes.values() if n.address]

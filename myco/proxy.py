@@ -47,8 +47,8 @@ class ClientGone(MycoError):
     code = "client_closed_request"
 
 
-class Upstream(Protocol):
-    """What the relay needs of a response: httpx.Response and gateway.upstream both have it."""
+class Relayed(Protocol):
+    """What the relay needs of a response: httpx.Response and gateway.pool's PooledResponse have it."""
 
     status_code: int
 
@@ -58,14 +58,14 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def relay_headers(response: Upstream, extra: dict[str, str]) -> dict[str, str]:
+def relay_headers(response: Relayed, extra: dict[str, str]) -> dict[str, str]:
     headers = {k: v for k, v in response.headers.items()
                if (name := k.lower()) in _ALLOWED or name.startswith(_ALLOWED_PREFIXES)}
     headers.update(extra)
     return headers
 
 
-async def relay(response: Upstream, extra_headers: dict[str, str],
+async def relay(response: Relayed, extra_headers: dict[str, str],
                 closed: Callable[[], object] = lambda: None, *, receive: Receive | None = None,
                 max_body: int | None = None) -> Response[bytes] | Stream:
     """Turn a response opened for streaming into a litestar response (see the module)."""
@@ -84,7 +84,7 @@ async def relay(response: Upstream, extra_headers: dict[str, str],
                   media_type="text/event-stream")
 
 
-async def _read(response: Upstream, limit: int | None) -> bytes:
+async def _read(response: Relayed, limit: int | None) -> bytes:
     declared = response.headers.get("content-length", "")
     too_large = TargetLost(f"answer larger than {limit} bytes (the limit for an answer "
                            "that is not streamed)")
@@ -138,7 +138,7 @@ async def unless_gone(work: Awaitable[T], receive: Receive, after: float = 0.05)
             watcher.cancel()
 
 
-async def _chunks(response: Upstream, closed: Callable[[], object]) -> AsyncIterator[bytes]:
+async def _chunks(response: Relayed, closed: Callable[[], object]) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk

@@ -48,7 +48,7 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     """Connect as `identity`; the server is checked by `check_peer`, not by a CA."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # TLS 1.2: the server refuses an unknown client certificate inside the handshake, so the
-    # client knows before it sends anything (gateway/upstream.py).  ECDHE + AEAD suites only.
+    # client knows before it sends anything (gateway/pool.py).  ECDHE + AEAD suites only.
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
     context.check_hostname = False

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.egress import Egress, EgressDenied
-from gateway.upstream import Endpoint, UpstreamPool
+from gateway.pool import ConnectionPool, Peer
 from tests.conftest import PolicyFactory
 from tests.procs import Proc, fake_upstream
 from tests.rawserver import RawServer
@@ -34,9 +34,9 @@ def listed() -> Iterator[Proc]:
     proc.stop()
 
 
-def pool_for(egress: Egress) -> UpstreamPool:
+def pool_for(egress: Egress) -> ConnectionPool:
     """The gateway's one way out (forwarding and health checks), as the gateway builds it."""
-    return UpstreamPool(egress, connect_timeout=5, read_timeout=5)
+    return ConnectionPool(egress, connect_timeout=5, read_timeout=5)
 
 
 SPELLINGS = ["127.0.0.1", "localhost", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "127.1",
@@ -52,9 +52,9 @@ def test_unlisted_port_is_refused_before_connecting(canary: RawServer, listed: P
         pool = pool_for(Egress([("127.0.0.1", listed_port)]))
         try:
             with pytest.raises(EgressDenied, match="not listed in the policy"):
-                await pool.call(Endpoint("http", host, canary.port, ""), "/v1/models", 5)
+                await pool.call(Peer("http", host, canary.port, ""), "/v1/models", 5)
             # The same spelling of the listed endpoint goes through.
-            ok, _ = await pool.call(Endpoint("http", host, listed_port, ""), "/v1/models", 5)
+            ok, _ = await pool.call(Peer("http", host, listed_port, ""), "/v1/models", 5)
             assert ok == 200
         finally:
             await pool.aclose()
@@ -67,7 +67,7 @@ def test_listed_host_on_another_port_is_refused(canary: RawServer) -> None:
     async def go() -> None:
         pool = pool_for(Egress([("127.0.0.1", canary.port + 1)]))
         with pytest.raises(EgressDenied):
-            await pool.call(Endpoint("http", "127.0.0.1", canary.port, ""), "/", 5)
+            await pool.call(Peer("http", "127.0.0.1", canary.port, ""), "/", 5)
         await pool.aclose()
 
     asyncio.run(go())

@@ -36,7 +36,7 @@ def test_good_policy_parses_in_order() -> None:
     assert policy.routes[0].text == "model=llama-* endpoint=chat|completions tools=false " \
                                     "-> forward ws, lan"
     assert policy.routes[1].deny == "not here"
-    assert sorted(policy.endpoints()) == [("127.0.0.1", 9001), ("127.0.0.1", 9002)]
+    assert sorted(policy.addresses()) == [("127.0.0.1", 9001), ("127.0.0.1", 9002)]
 
 
 @pytest.mark.parametrize(("text", "line", "reason"), [
@@ -83,7 +83,7 @@ def test_a_node_may_be_listed_by_id_alone() -> None:
     node_id = id_of(b"a certificate")
     policy = parse(GOOD.replace('address = "127.0.0.1:9001"', f'id = "{node_id}"'), "p.toml")
     assert (policy.nodes["ws"].address, policy.nodes["ws"].id) == (None, node_id)
-    assert policy.endpoints() == [("127.0.0.1", 9002)]  # the node's comes from discovery
+    assert policy.addresses() == [("127.0.0.1", 9002)]  # the node's comes from discovery
 
 
 def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:

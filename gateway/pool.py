@@ -4,7 +4,7 @@ Why not httpx here: through httpx (client and httpcore pool) one forwarded reque
 0.5 ms of the gateway's CPU and degraded with concurrency (550 req/s at 16 connections against
 a fake upstream that serves 9,000), which alone broke the overhead budget; see
 bench/gateway_overhead.py.  This pool parses with httptools (the C parser uvicorn uses), keeps
-idle connections per endpoint (LIFO), and streams body chunks as they arrive, with flow
+idle connections per peer (LIFO), and streams body chunks as they arrive, with flow
 control.  Health checks to nodes go through it too.  Its exception types are httpx's, so
 callers handle one set of errors.  Every new connection asks `Egress` first: no socket is opened
 to anything the policy does not list.
@@ -46,7 +46,9 @@ class NotPaired(httpx.ConnectError):
     """The node refused our certificate: it is not paired with this gateway."""
 
 
-class Endpoint(NamedTuple):
+class Peer(NamedTuple):
+    """Where and how to connect: a listed upstream's URL, or a node's address and pinned id."""
+
     scheme: str
     host: str
     port: int
@@ -55,13 +57,13 @@ class Endpoint(NamedTuple):
     pin: str | None = None  # the id a node must present (None: a loopback node, unpinned)
 
     @classmethod
-    def from_url(cls, url: str) -> Endpoint:
+    def from_url(cls, url: str) -> Peer:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
 
     @classmethod
-    def for_node(cls, address: str, pin: str | None, base_path: str = "/v1") -> Endpoint:
+    def for_node(cls, address: str, pin: str | None, base_path: str = "/v1") -> Peer:
         host, _, port = address.rpartition(":")
         return cls("https", host.strip("[]"), int(port), base_path, True, pin)
 
@@ -144,14 +146,14 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class UpstreamResponse:
+class PooledResponse:
     """The part of httpx.Response's interface the relay uses."""
 
-    def __init__(self, pool: UpstreamPool, endpoint: Endpoint, conn: _Connection,
+    def __init__(self, pool: ConnectionPool, peer: Peer, conn: _Connection,
                  read_timeout: float | None) -> None:
         self.status_code = conn.status
         self.headers = conn.headers
-        self._pool, self._endpoint, self._conn = pool, endpoint, conn
+        self._pool, self._peer, self._conn = pool, peer, conn
         self._timeout = read_timeout
         self._released = False
 
@@ -183,46 +185,46 @@ class UpstreamResponse:
     async def aclose(self) -> None:
         if not self._released:
             self._released = True
-            self._pool.release(self._endpoint, self._conn)
+            self._pool.release(self._peer, self._conn)
 
 
-class UpstreamPool:
+class ConnectionPool:
     def __init__(self, egress: Egress, *, connect_timeout: float, read_timeout: float,
                  node_tls: ssl.SSLContext | None = None, node_id: str = "GATEWAY_ID",
-                 max_idle_per_endpoint: int = 64) -> None:
+                 max_idle_per_peer: int = 64) -> None:
         self._egress = egress
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._node_tls = node_tls  # myco.tls.client_context(the gateway's identity)
         self._node_id = node_id  # that identity's id, for error messages
-        self._max_idle = max_idle_per_endpoint
-        self._idle: dict[Endpoint, list[_Connection]] = {}
+        self._max_idle = max_idle_per_peer
+        self._idle: dict[Peer, list[_Connection]] = {}
         self._busy: dict[tuple[str, int], set[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
-    def _context(self, endpoint: Endpoint) -> ssl.SSLContext | None:
-        if endpoint.node:
+    def _context(self, peer: Peer) -> ssl.SSLContext | None:
+        if peer.node:
             if self._node_tls is None:
                 raise httpx.ConnectError("no gateway identity to reach nodes with")
             return self._node_tls
-        if endpoint.scheme == "https":
+        if peer.scheme == "https":
             self._ssl = self._ssl or ssl.create_default_context()
             return self._ssl
         return None
 
-    async def _connect(self, endpoint: Endpoint, timeout: float) -> _Connection:
-        address = await self._egress.address_for(endpoint.host, endpoint.port)
-        context = self._context(endpoint)
+    async def _connect(self, peer: Peer, timeout: float) -> _Connection:
+        address = await self._egress.address_for(peer.host, peer.port)
+        context = self._context(peer)
         loop = asyncio.get_running_loop()
-        where = f"{endpoint.host}:{endpoint.port}"
+        where = f"{peer.host}:{peer.port}"
         try:
             transport, conn = await asyncio.wait_for(loop.create_connection(
-                _Connection, address, endpoint.port, ssl=context,
-                server_hostname=endpoint.host if context else None), timeout)
+                _Connection, address, peer.port, ssl=context,
+                server_hostname=peer.host if context else None), timeout)
         except TimeoutError:
             raise httpx.ConnectTimeout(f"timed out connecting to {where}") from None
         except (ssl.SSLError, ConnectionResetError) as exc:
-            if endpoint.node:  # connected, then the handshake was cut off
+            if peer.node:  # connected, then the handshake was cut off
                 raise NotPaired(f"{where} refused this gateway's certificate in the TLS "
                                 "handshake: pair them on the node with "
                                 f"`myco node allow {self._node_id}`") from None
@@ -230,17 +232,17 @@ class UpstreamPool:
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") \
                 from None
-        if endpoint.node:
+        if peer.node:
             try:
-                check_peer(transport.get_extra_info("ssl_object"), endpoint.pin)
+                check_peer(transport.get_extra_info("ssl_object"), peer.pin)
             except IdentityMismatch as exc:
                 conn.close()
                 raise WrongPeer(f"{where}: {exc}") from None
         return conn
 
-    def release(self, endpoint: Endpoint, conn: _Connection) -> None:
-        self._busy.get((endpoint.host, endpoint.port), set()).discard(conn)
-        idle = self._idle.setdefault(endpoint, [])
+    def release(self, peer: Peer, conn: _Connection) -> None:
+        self._busy.get((peer.host, peer.port), set()).discard(conn)
+        idle = self._idle.setdefault(peer, [])
         if conn.reusable() and len(idle) < self._max_idle:
             conn.reset()
             idle.append(conn)
@@ -255,16 +257,16 @@ class UpstreamPool:
             conn.close()
         return len(busy)
 
-    async def send(self, endpoint: Endpoint, path: str, headers: dict[str, str],
+    async def send(self, peer: Peer, path: str, headers: dict[str, str],
                    body: bytes, *, method: str = "POST",
-                   timeout: float | None = None) -> UpstreamResponse:
-        """Send `body` to `endpoint` + `path`; the response body is read by the caller.
+                   timeout: float | None = None) -> PooledResponse:
+        """Send `body` to `peer` + `path`; the response body is read by the caller.
         `timeout` (seconds) replaces the pool's connect and read timeouts for this request."""
-        lines = [f"{method} {endpoint.base_path}{path} HTTP/1.1",
-                 f"host: {endpoint.host}:{endpoint.port}", f"content-length: {len(body)}"]
+        lines = [f"{method} {peer.base_path}{path} HTTP/1.1",
+                 f"host: {peer.host}:{peer.port}", f"content-length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        idle = self._idle.get(endpoint)
+        idle = self._idle.get(peer)
         conn = None
         while idle and conn is None:
             candidate = idle.pop()
@@ -272,19 +274,19 @@ class UpstreamPool:
         read_timeout = self._read_timeout if timeout is None else timeout
         if conn is not None:
             try:
-                return await self._exchange(endpoint, conn, request, read_timeout)
+                return await self._exchange(peer, conn, request, read_timeout)
             except httpx.RemoteProtocolError:
                 if conn.got_response:
                     raise
                 # The server had closed this idle connection before reading our request:
                 # nothing was processed, so sending it again on a new connection is safe.
         connect_timeout = min(self._connect_timeout, timeout or self._connect_timeout)
-        conn = await self._connect(endpoint, connect_timeout)
-        return await self._exchange(endpoint, conn, request, read_timeout)
+        conn = await self._connect(peer, connect_timeout)
+        return await self._exchange(peer, conn, request, read_timeout)
 
-    async def _exchange(self, endpoint: Endpoint, conn: _Connection, request: bytes,
-                        read_timeout: float) -> UpstreamResponse:
-        busy = self._busy.setdefault((endpoint.host, endpoint.port), set())
+    async def _exchange(self, peer: Peer, conn: _Connection, request: bytes,
+                        read_timeout: float) -> PooledResponse:
+        busy = self._busy.setdefault((peer.host, peer.port), set())
         busy.add(conn)
         conn.transport.write(request)
         try:
@@ -300,16 +302,16 @@ class UpstreamPool:
             busy.discard(conn)
             conn.close()
             raise conn.error
-        return UpstreamResponse(self, endpoint, conn, read_timeout)
+        return PooledResponse(self, peer, conn, read_timeout)
 
-    async def call(self, endpoint: Endpoint, path: str, timeout: float,
+    async def call(self, peer: Peer, path: str, timeout: float,
                    body: bytes | None = None) -> tuple[int, bytes]:
-        """GET `path` (from the endpoint's root), or POST a JSON `body` there, within `timeout`
+        """GET `path` (from the peer's root), or POST a JSON `body` there, within `timeout`
         seconds: the status and the whole answer."""
         method, headers = ("GET", {}) if body is None else \
             ("POST", {"content-type": "application/json"})
         async with asyncio.timeout(timeout):
-            response = await self.send(endpoint._replace(base_path=""), path, headers,
+            response = await self.send(peer._replace(base_path=""), path, headers,
                                        body or b"", method=method, timeout=timeout)
             try:
                 return response.status_code, await response.aread()

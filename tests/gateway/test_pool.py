@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.egress import Egress, EgressDenied
-from gateway.upstream import Endpoint, UpstreamPool
+from gateway.pool import ConnectionPool, Peer
 from tests.rawserver import RawServer
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -46,9 +46,9 @@ def serve() -> Iterator[Callable[[Reply], RawServer]]:
 
 def run(server: RawServer, *bodies: bytes, read_timeout: float = 5) -> list[bytes]:
     async def go() -> list[bytes]:
-        pool = UpstreamPool(Egress([("127.0.0.1", server.port)]), connect_timeout=2,
+        pool = ConnectionPool(Egress([("127.0.0.1", server.port)]), connect_timeout=2,
                             read_timeout=read_timeout)
-        endpoint = Endpoint.from_url(f"http://127.0.0.1:{server.port}/v1")
+        endpoint = Peer.from_url(f"http://127.0.0.1:{server.port}/v1")
         out = []
         try:
             for body in bodies:
@@ -97,9 +97,9 @@ def test_chunked_body_streams_in_pieces(serve: Callable[[Reply], RawServer]) -> 
     server = serve(reply)
 
     async def go() -> list[bytes]:
-        pool = UpstreamPool(Egress([("127.0.0.1", server.port)]), connect_timeout=2,
+        pool = ConnectionPool(Egress([("127.0.0.1", server.port)]), connect_timeout=2,
                             read_timeout=5)
-        response = await pool.send(Endpoint.from_url(f"http://127.0.0.1:{server.port}"),
+        response = await pool.send(Peer.from_url(f"http://127.0.0.1:{server.port}"),
                                    "/x", {}, b"{}")
         chunks = [chunk async for chunk in response.aiter_raw()]
         await response.aclose()
@@ -125,10 +125,10 @@ def test_unlisted_endpoint_never_connects(serve: Callable[[Reply], RawServer]) -
     server = serve(lambda conn, n: conn.sendall(OK) or True)
 
     async def go() -> None:
-        pool = UpstreamPool(Egress([("127.0.0.1", server.port + 1)]), connect_timeout=2,
+        pool = ConnectionPool(Egress([("127.0.0.1", server.port + 1)]), connect_timeout=2,
                             read_timeout=2)
         with pytest.raises(EgressDenied):
-            await pool.send(Endpoint.from_url(f"http://127.0.0.1:{server.port}"), "/", {}, b"")
+            await pool.send(Peer.from_url(f"http://127.0.0.1:{server.port}"), "/", {}, b"")
 
     asyncio.run(go())
     assert server.accepted == 0
