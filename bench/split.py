@@ -1,7 +1,7 @@
 """Split inference on loopback: all local vs one rpc worker vs two, the real default model.
 
 `python -m bench.split [--tokens 32] [--rounds 3] [--threads N] [--json]` starts two rpc workers
-(`python -m nodeagent.rpcworker --port 0`) and, one after the other, three runners:
+(`python -m nodeagent.lending.rpcworker --port 0`) and, one after the other, three runners:
 
 - local: every layer on this process's CPU (no --rpc);
 - 1 worker: layers 0-1 on the head's CPU, the rest and the output layer on RPC0;
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     model = default_models_dir() / "gemma-3-270m-q4_k_m.gguf"
     with tempfile.TemporaryDirectory(prefix="bench-split-") as tmp:
-        workers = [spawn("nodeagent.rpcworker", "--port", "0", "--cache-dir", f"{tmp}/c{i}",
+        workers = [spawn("nodeagent.lending.rpcworker", "--port", "0", "--cache-dir", f"{tmp}/c{i}",
                          "--threads", str(args.threads)) for i in range(2)]
         try:
             ends = [wait_line(w, r"listening on (\S+)")[1] for w in workers]

@@ -61,7 +61,7 @@ def plain_worker(host: str, port: int, cache: str) -> None:
     """ggml's RPC server on a LAN address: the unauthenticated baseline, on purpose."""
     import ctypes
 
-    from nodeagent import rpc
+    from nodeagent.lending import rpc
 
     dev = rpc._fn("ggml_backend_dev_by_type", rpc._P, ctypes.c_int)(0)
     start = rpc._registry_fn("ggml_backend_rpc_start_server", None, ctypes.c_char_p,
@@ -76,7 +76,7 @@ def plain_head(model: str, endpoints: list[str], ngl: int, split: list[float],
                tokens: int) -> None:
     import llama_cpp
 
-    from nodeagent import rpc
+    from nodeagent.lending import rpc
 
     rpc.add_servers(endpoints)
     started = time.perf_counter()

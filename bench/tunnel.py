@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from myco.identity import load_or_create
-from nodeagent.tunnel import TunnelEntrance, TunnelExit
+from nodeagent.lending.tunnel import TunnelEntrance, TunnelExit
 
 HEADER = struct.Struct("!QQ")  # request bytes that follow, reply bytes wanted
 TARGETS = {"added_p50_ms": 0.25, "tunnel_mb_s": 117}  # 117 MB/s: gigabit Ethernet's payload

@@ -1,18 +1,21 @@
-"""The node agent's composition root: `create_app(settings)` serves this machine's models.
+"""The node agent's composition root: `build(settings, identity)` serves this machine's models.
 
     request -> check the body -> find the model in the store -> take a place in its queue ->
     runner (started on first use) -> relay the runner's answer, bytes as they come
 
 A request with an `x-myco-split` header (`protocol.Split`, planned by the gateway) is served by a
 runner loaded with that split, on this node as the head; `POST /node/rpc/lease` lends this
-node's devices to other heads (nodeagent/lending.py).
+node's devices to other heads (nodeagent/lending/).  The model directory is listed off the event
+loop, on every request, so a model copied into it is served at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -24,31 +27,49 @@ import msgspec
 from litestar import Litestar, Request, get, post
 
 from myco import protocol
-from myco.errors import ModelNotFound, TargetFailed, Unavailable
+from myco.errors import BadRequest, ModelNotFound, TargetFailed, Unavailable
 from myco.guard import request_guard
 from myco.handlers import exception_handlers
-from myco.identity import Identity
+from myco.identity import Identity, parse_id
 from myco.protocol import Capabilities
 from myco.proxy import relay, unless_gone
-from nodeagent import capability, hardware, pairing, wire
+from myco.serve import bind
+from myco.tls import server_context
+from nodeagent import capability, hardware, pairing
 from nodeagent.announce import Announcer
-from nodeagent.lending import Lender
-from nodeagent.runners import RunnerPool
+from nodeagent.lending.lender import Lender
+from nodeagent.runner import wire
+from nodeagent.runner_pool import RunnerPool
 from nodeagent.settings import NodeSettings
 from nodeagent.store import ModelMeta, ModelStore
 
+log = logging.getLogger("myco.node")
 VERSION = "0.1.0"
 _BODIES: dict[str, type[wire.ChatRequest | wire.CompletionRequest | wire.EmbeddingRequest]] = {
     "/v1/chat/completions": wire.ChatRequest, "/v1/completions": wire.CompletionRequest,
-    "/v1/embeddings": wire.EmbeddingRequest}
+    "/v1/embeddings": wire.EmbeddingRequest, "/v1" + protocol.TOKENS_PATH: wire.ChatRequest}
+
+
+def split_header(text: str | None) -> protocol.Split | None:
+    """The decoded x-myco-split header (None when absent); BadRequest naming it if invalid."""
+    if text is None:
+        return None
+    try:
+        split = msgspec.json.decode(text, type=protocol.Split)
+        for worker in split.workers:
+            parse_id(worker.id)
+        if len(split.tensor_split) < len(split.workers):
+            raise ValueError("tensor_split needs a share for every worker")
+    except ValueError as exc:  # msgspec's errors are ValueErrors too
+        raise BadRequest(f"invalid x-myco-split header: {exc}", param="x-myco-split") from None
+    return split
 
 
 class NodeAgent:
     """The state behind the handlers: store, hardware snapshot, runner pool, lender."""
 
     def __init__(self, settings: NodeSettings, hw: hardware.Hardware, identity: Identity, *,
-                 port: int, tls: ssl.SSLContext | None = None,
-                 paired: Iterable[str] = ()) -> None:
+                 port: int, tls: ssl.SSLContext, paired: Iterable[str] = ()) -> None:
         self.settings = settings
         self.identity = identity
         self.port = port
@@ -73,12 +94,12 @@ class NodeAgent:
     async def infer(self, request: Request[Any, Any, Any]) -> Any:
         raw = await request.body()
         body = wire.decode(raw, _BODIES[request.url.path], n_ctx=self.settings.n_ctx)
-        split = wire.split_header(request.headers.get("x-myco-split"))
-        meta = self.store.get(body.model)
+        split = split_header(request.headers.get("x-myco-split"))
+        meta = await asyncio.to_thread(self.store.get, body.model)
         if meta is None:
             raise ModelNotFound(f"model {body.model!r} is not in this node's store "
                                 f"({self.settings.models_dir})", param="model")
-        # Judge only this model: the whole store was just listed by get(), once is enough.
+        # Judge only this model: get() just listed the store, once is enough.
         # A split was planned by the gateway for a model that may not fit here alone.
         fit = self.capabilities([meta]).models[0]
         if fit.fit == "none" and split is None:
@@ -99,7 +120,8 @@ class NodeAgent:
 
     async def info(self) -> protocol.NodeInfo:
         now = await asyncio.to_thread(hardware.detect)
-        models, runners = self.store.list(), sorted(self.pool.runners.items())
+        models = await asyncio.to_thread(self.store.list)
+        runners = sorted(self.pool.runners.items())
         return protocol.NodeInfo(
             name=self.settings.name, id=protocol.NodeId(self.identity.id), version=VERSION,
             certificate=self.identity.pem(), uptime_s=round(time.time() - self.started, 1),
@@ -108,18 +130,37 @@ class NodeAgent:
             loaded=tuple(k for k, _ in runners), queue=self.pool.queue_depths(),
             runners=tuple(protocol.RunnerState(k, r.process.pid, r.pending)
                           for k, r in runners),
-            n_ctx=self.settings.n_ctx, rpc=msgspec.convert(self.lender.info(now),
-                                                           protocol.RpcInfo),
+            n_ctx=self.settings.n_ctx, rpc=self.lender.info(now),
             shapes={m.id: capability.shape(m, self.settings.n_ctx) for m in models},
             splits={k: protocol.SplitState(**msgspec.structs.asdict(r.split),
                                            record=msgspec.to_builtins(r.record))
                     for k, r in runners if r.split is not None},
-            lent=msgspec.convert(self.lender.lent(), tuple[protocol.Lent, ...]))
+            lent=self.lender.lent())
 
-    def model_list(self) -> dict[str, Any]:
+    async def model_list(self) -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": m.id, "object": "model", "created": 0, "owned_by": self.settings.name}
-            for m in self.store.list()]}
+            for m in await asyncio.to_thread(self.store.list)]}
+
+
+def build(settings: NodeSettings,
+          identity: Identity) -> tuple[Litestar, socket.socket, ssl.SSLContext]:
+    """The node agent for `settings`, bound to its port, and the TLS context to serve with.
+    ConfigError for a bad gateways.toml or models.toml; OSError when the port cannot be bound."""
+    paired = pairing.load(Path(settings.state_dir))
+    sock = bind(settings.host, settings.port)
+    tls = server_context(identity, paired.values())
+    agent = NodeAgent(settings, hardware.detect(), identity, port=sock.getsockname()[1],
+                      tls=tls, paired=paired)
+    models = agent.store.list()
+    log.info("node %s (id %s): %d model(s) in %s: %s", settings.name, identity.id, len(models),
+             settings.models_dir, ", ".join(m.id for m in models) or "none")
+    if paired:
+        log.info("serving %d paired gateway(s): %s", len(paired), ", ".join(paired))
+    else:
+        log.warning("no gateway is paired with this node: it refuses every connection until "
+                    "`myco node allow GATEWAY_ID` (the gateway logs its id at start)")
+    return create_app(agent), sock, tls
 
 
 def create_app(agent: NodeAgent) -> Litestar:
@@ -133,18 +174,15 @@ def create_app(agent: NodeAgent) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         if announcer is not None:
             await announcer.start()
-        following = None
-        if agent.tls is not None:
-            following = asyncio.create_task(pairing.follow(
-                Path(agent.settings.state_dir), agent.tls, agent.paired))
+        following = asyncio.create_task(pairing.follow(Path(agent.settings.state_dir),
+                                                       agent.tls, agent.paired))
         await agent.lender.start()
         unloading = asyncio.create_task(agent.pool.unload_idle(agent.settings.unload_after))
         try:
             yield
         finally:
             unloading.cancel()
-            if following is not None:
-                following.cancel()
+            following.cancel()
             if announcer is not None:
                 await announcer.stop()
             await agent.pool.close()
@@ -155,12 +193,12 @@ def create_app(agent: NodeAgent) -> Litestar:
         return await agent.infer(request)
 
     @post("/node/rpc/lease", status_code=200)
-    async def lease(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    async def lease(request: Request[Any, Any, Any]) -> protocol.Lease:
         return await agent.lender.lease(wire.decode(await request.body(), protocol.LeaseRequest))
 
     @get("/v1/models")
     async def models() -> dict[str, Any]:
-        return agent.model_list()
+        return await agent.model_list()
 
     @get("/node/info")
     async def info() -> protocol.NodeInfo:

@@ -7,14 +7,15 @@ every load, so an edited file cannot smuggle another key in, and an entry must h
 one certificate (a second one behind it would be trusted too):
 
     # Gateways this node serves.  `myco node allow GATEWAY_ID` adds one.
-    ["AAAAAAA-...-AAAAAAA"]
+    [AAAAAAA-...-AAAAAAA]
     name = "gateway on pi"
     certificate = '''
     -----BEGIN CERTIFICATE-----
     ...'''
 
-A malformed file, or a certificate whose fingerprint is not its id, raises `PairingError`
-naming the file and the reason; start-up stops on it.  While the node runs, `follow` trusts
+A malformed file, or a certificate whose fingerprint is not its id, raises `PairingError` (a
+`ConfigError`) naming the file and the reason; start-up stops on it.  `add` edits the file with
+tomlkit: what the person wrote there stays as it was.  While the node runs, `follow` trusts
 gateways paired since (a removal takes effect at the next start: OpenSSL's trust store only
 grows).
 """
@@ -27,6 +28,9 @@ import ssl
 import tomllib
 from pathlib import Path
 
+import tomlkit
+
+from myco.errors import ConfigError
 from myco.identity import parse_id
 from myco.tls import certificate_id, single_certificate, trust
 
@@ -35,7 +39,7 @@ FILE = "gateways.toml"
 _HEADER = "# Gateways this node serves.  `myco node allow GATEWAY_ID` adds one.\n"
 
 
-class PairingError(Exception):
+class PairingError(ConfigError):
     pass
 
 
@@ -46,19 +50,19 @@ def load(state_dir: Path) -> dict[str, str]:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PairingError(f"{path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PairingError(str(path), str(exc)) from None
     paired: dict[str, str] = {}
     for key, entry in doc.items():
         pem = entry.get("certificate") if isinstance(entry, dict) else None
         if not isinstance(pem, str):
-            raise PairingError(f"{path}: [{key!r}] needs certificate = '''PEM'''")
+            raise PairingError(str(path), f"[{key!r}] needs certificate = '''PEM'''")
         try:
             expected, found = parse_id(key), certificate_id(pem)
         except ValueError as exc:
-            raise PairingError(f"{path}: [{key!r}]: {exc}") from None
+            raise PairingError(str(path), f"[{key!r}]: {exc}") from None
         if found != expected:
-            raise PairingError(f"{path}: [{key!r}]: the certificate's id is {found}")
+            raise PairingError(str(path), f"[{key!r}]: the certificate's id is {found}")
         paired[expected] = single_certificate(pem)
     return paired
 
@@ -75,10 +79,10 @@ def add(state_dir: Path, gateway_id: str, pem: str, name: str = "") -> bool:
         return False
     path = state_dir / FILE
     state_dir.mkdir(parents=True, exist_ok=True)
-    text = path.read_text(encoding="utf-8") if path.exists() else _HEADER
-    label = name.replace("\\", "").replace('"', "")
-    entry = f'\n["{expected}"]\nname = "{label}"\ncertificate = \'\'\'\n{pem.strip()}\n\'\'\'\n'
-    path.write_text(text.rstrip("\n") + "\n" + entry, encoding="utf-8")
+    doc = tomlkit.parse(path.read_text(encoding="utf-8") if path.exists() else _HEADER)
+    doc[expected] = {"name": name, "certificate": tomlkit.string(
+        pem.strip() + "\n", literal=True, multiline=True)}
+    path.write_text(tomlkit.dumps(doc), encoding="utf-8")
     return True
 
 

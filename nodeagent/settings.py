@@ -7,9 +7,9 @@ import re
 import socket
 from collections.abc import Mapping
 
-import msgspec
 import platformdirs
 
+from myco import config
 from myco.guard import ConnectionLimits
 from nodeagent.store import default_models_dir
 
@@ -29,7 +29,7 @@ class NodeSettings(ConnectionLimits, frozen=True):  # + the connection limits
     models_dir: str
     name: str
     host: str = "127.0.0.1"
-    port: int = 8788
+    port: config.Port = 8788
     n_ctx: int = 4096  # context per loaded model; also what capability sizes the KV cache for
     queue_size: int = 8  # requests per model, running or waiting; more get 429
     retry_after: int = 2  # seconds, sent with 429
@@ -51,17 +51,10 @@ class NodeSettings(ConnectionLimits, frozen=True):  # + the connection limits
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> NodeSettings:
-        """Flags win over `MYCO_NODE_*` variables (and `MYCO_MODELS`), which win over defaults.
-        ValueError naming the field when a value is invalid."""
-        values: dict[str, object] = {
-            "models_dir": str(default_models_dir()), "name": socket.gethostname(),
-            "state_dir": str(platformdirs.user_state_path("mycoswarm") / "node")}
-        for field in cls.__struct_fields__:
-            env = environ.get(f"MYCO_NODE_{field.upper()}")
-            if env is not None:
-                values[field] = env
-        values.update({k: v for k, v in flags.items() if v is not None})
-        for field in ("memory_limit", "rpc_cache_limit"):
-            if isinstance(size := values.get(field), str):
-                values[field] = parse_size(size, field.replace("_", " "))
-        return msgspec.convert(values, cls, strict=False)
+        """Flags win over `MYCO_NODE_*` variables (and `MYCO_MODELS`), which win over defaults;
+        ConfigError naming the variable or flag of a value that does not fit."""
+        defaults = {"models_dir": str(default_models_dir()), "name": socket.gethostname(),
+                    "state_dir": str(platformdirs.user_state_path("mycoswarm") / "node")}
+        return config.from_env(cls, "MYCO_NODE_", environ, flags, defaults, {
+            "memory_limit": parse_size,
+            "rpc_cache_limit": lambda text: parse_size(text, "rpc cache limit")})

@@ -5,7 +5,7 @@ The model id is the file stem, unless `models.toml` in the directory gives it an
     [aliases]
     "gemma-3-270m-q4_k_m" = "gemma3"
 
-An invalid `models.toml`, or two files that end up with one id, raises `ValueError` naming the
+An invalid `models.toml`, or two files that end up with one id, raises `ConfigError` naming the
 file (and, for TOML errors, the line).  A `*.gguf` that cannot be read or parsed is skipped with a
 warning, once per version of the file.
 """
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import tomllib
 from pathlib import Path
 
 import msgspec
 import platformdirs
 
+from myco.errors import ConfigError
 from nodeagent.gguf import GGUFError, Header, read_header
 
 log = logging.getLogger("myco.node.store")
@@ -84,18 +86,16 @@ def meta_from_gguf(model_id: str, path: Path, header: Header, size: int) -> Mode
 
 
 def read_aliases(path: Path) -> dict[str, str]:
-    """The `[aliases]` table of a models.toml ({} if the file is absent); ValueError if invalid."""
+    """The `[aliases]` table of a models.toml ({} if the file is absent); ConfigError if invalid."""
     try:
-        text = path.read_text(encoding="utf-8")
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: {exc}") from None  # tomllib's message has line and column
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), str(exc)) from None  # tomllib's has line and column
     aliases = doc.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
-        raise ValueError(f"{path}: [aliases] must map file stems to model ids (strings)")
+        raise ConfigError(str(path), "[aliases] must map file stems to model ids (strings)")
     return aliases
 
 
@@ -105,6 +105,7 @@ class ModelStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._cache: dict[_CacheKey, ModelMeta | None] = {}
+        self._lock = threading.Lock()
 
     def _load(self, path: Path) -> _CacheKey:
         """Parse `path` into the cache unless this version of it is there; failures are cached
@@ -127,22 +128,24 @@ class ModelStore:
         return key
 
     def list(self) -> list[ModelMeta]:
-        """Every readable model, sorted by id; [] if the directory does not exist."""
+        """Every readable model, sorted by id; [] if the directory does not exist.  It reads the
+        disk, so the agent calls it off the event loop; threads may call it at once."""
         if not self.directory.is_dir():
             return []
         toml = self.directory / "models.toml"
         aliases = read_aliases(toml)
-        keys = {path: self._load(path) for path in sorted(self.directory.glob("*.gguf"))}
-        self._cache = {key: self._cache[key] for key in keys.values()}  # forget old versions
+        with self._lock:  # one thread at a time updates the cache
+            keys = {path: self._load(path) for path in sorted(self.directory.glob("*.gguf"))}
+            self._cache = {key: self._cache[key] for key in keys.values()}  # forget old ones
+            metas = {path: self._cache[key] for path, key in keys.items()}
         by_id: dict[str, ModelMeta] = {}
-        for path, key in keys.items():
-            meta = self._cache[key]
+        for path, meta in metas.items():
             if meta is None:
                 continue
             model_id = aliases.get(path.stem, path.stem)
             if model_id in by_id:
-                raise ValueError(f"{toml}: model id {model_id!r} names both "
-                                 f"{Path(by_id[model_id].path).name} and {path.name}")
+                raise ConfigError(str(toml), f"model id {model_id!r} names both "
+                                  f"{Path(by_id[model_id].path).name} and {path.name}")
             by_id[model_id] = msgspec.structs.replace(meta, id=model_id)
         return sorted(by_id.values(), key=lambda m: m.id)
 

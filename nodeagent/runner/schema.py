@@ -21,7 +21,7 @@ import msgspec
 from myco.errors import BadRequest
 
 if TYPE_CHECKING:  # wire calls check_chat from decode
-    from nodeagent.wire import ChatRequest
+    from nodeagent.runner.wire import ChatRequest
 
 MAX_TOOLS, MAX_DEPTH, MAX_BYTES, MAX_REPEAT = 128, 32, 128 * 1024, 1000
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")

@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 
 from myco.errors import BadRequest
-from nodeagent import chat, tools, wire
-from nodeagent.wire import ChatRequest, CompletionRequest, message_dicts
+from nodeagent.runner import chat, tools, wire
+from nodeagent.runner.wire import ChatRequest, CompletionRequest, message_dicts
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

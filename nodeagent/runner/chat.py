@@ -13,7 +13,7 @@ Gemma has no system or tool role and needs user/model to alternate, so system an
 text opens the first user turn (as Gemma's own template does), tool results become user turns
 `<tool_response name="...">...</tool_response>`, consecutive turns of one role are merged, and
 tool calls are written as `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, the same
-form that `nodeagent.tools` constrains the model to produce.  With tools, the first user turn
+form that `nodeagent.runner.tools` constrains the model to produce.  With tools, the first user turn
 starts with a short preamble listing them as JSON.
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nodeagent.tools import CALL_CLOSE, CALL_OPEN
-from nodeagent.wire import Message, Tool
+from nodeagent.runner.tools import CALL_CLOSE, CALL_OPEN
+from nodeagent.runner.wire import Message, Tool
 
 GEMMA_STOP = "<end_of_turn>"
 

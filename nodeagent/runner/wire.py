@@ -1,5 +1,5 @@
-"""Typed request bodies the node accepts (OpenAI's shapes), checked before any model work;
-the gateway's lease request and split header.
+"""Typed request bodies the node accepts (OpenAI's shapes): the node agent decodes each one
+(nodeagent/app.py) before any model work, the runner again to generate from it.
 
 Unknown fields are ignored, as OpenAI's API does for clients that send newer parameters; what
 the node cannot honour (n > 1, image parts for a text-only model) is a 400 naming the field.
@@ -14,8 +14,7 @@ import msgspec
 
 from myco import protocol
 from myco.errors import BadRequest
-from myco.identity import parse_id
-from nodeagent import schema
+from nodeagent.runner import schema
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -104,21 +103,6 @@ class EmbeddingRequest(msgspec.Struct, frozen=True):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-def split_header(text: str | None) -> protocol.Split | None:
-    """The decoded x-myco-split header (None when absent); BadRequest naming it if invalid."""
-    if text is None:
-        return None
-    try:
-        split = msgspec.json.decode(text, type=protocol.Split)
-        for worker in split.workers:
-            parse_id(worker.id)
-        if len(split.tensor_split) < len(split.workers):
-            raise ValueError("tensor_split needs a share for every worker")
-    except ValueError as exc:  # msgspec's errors are ValueErrors too
-        raise BadRequest(f"invalid x-myco-split header: {exc}", param="x-myco-split") from None
-    return split
-
-
 Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest
                | protocol.LeaseRequest)
 
@@ -201,6 +185,7 @@ def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
     out = []
     for message in messages:
         item = {k: v for k, v in msgspec.structs.asdict(message).items() if v is not None}
+        item.setdefault("content", "")  # a template that adds content to text (SmolLM2's)
         if isinstance(message.content, list):
             item["content"] = "".join(part["text"] for part in message.content)
         if item["role"] == "developer":

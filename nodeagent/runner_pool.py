@@ -1,4 +1,5 @@
-"""Runner processes: one child per loaded model, started on first use, supervised, queued.
+"""The agent's pool of runner children (nodeagent/runner/): one per loaded model, started on
+first use, supervised, queued.
 
 `RunnerPool.get(model, split)` returns a ready `Runner`, starting `python -m nodeagent.runner`
 for it if none is alive (a runner that died is started again on the next request), or if the
@@ -28,9 +29,10 @@ import msgspec
 from myco.errors import Busy, Unavailable
 from myco.identity import Identity
 from myco.protocol import Split
-from nodeagent import child, loadrecord
+from nodeagent import child
+from nodeagent.lending.tunnel import TunnelEntrance
+from nodeagent.runner import loadrecord
 from nodeagent.store import ModelMeta
-from nodeagent.tunnel import TunnelEntrance
 
 log = logging.getLogger("myco.node.runners")
 

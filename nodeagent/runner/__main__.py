@@ -2,12 +2,13 @@
 
 `python -m nodeagent.runner --model PATH --socket PATH` loads the model (printing progress),
 then serves OpenAI-shaped chat, completion and embedding requests on a Unix socket that only
-the node agent uses, and the load record (which device holds which layers) at GET /load.
+the node agent uses, a chat prompt's token count (/v1/chat/tokens), and the load record
+(which device holds which layers) at GET /load.
 Because the model lives here, a crash or an unload frees its memory and the node agent
 survives; it dies with the node agent (nodeagent/child.py).  llama.cpp is not thread-safe:
 every call into it runs on the one worker thread of `Model`, off the event loop.  Server-sent
 events are produced with sse-starlette, the runner being a plain Starlette app.  A request
-is checked whole before its turn to generate (nodeagent/generate.py `prepare`: a 400, never a
+is checked whole before its turn to generate (nodeagent/runner/generate.py `prepare`: a 400, never a
 crash), and generation stops at the next token once its client (the node agent's relay)
 closes the connection, streamed or not; one whose client left while it waited never starts.
 
@@ -44,10 +45,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from myco import layers
+from myco import layers, protocol
 from myco.errors import MycoError
-from nodeagent import child, generate, loadrecord, rpc, wire
+from nodeagent import child
 from nodeagent.gguf import GGUFError, read_header
+from nodeagent.lending import rpc
+from nodeagent.runner import generate, loadrecord, wire
 from nodeagent.store import meta_from_gguf
 
 _DONE = object()
@@ -165,13 +168,16 @@ def create_app(model: Model, model_id: str,
 
     async def generation(request: Request) -> Response:
         kind: type[wire.ChatRequest | wire.CompletionRequest] = wire.CompletionRequest
-        if request.url.path.endswith("/chat/completions"):
+        if request.url.path != "/v1/completions":  # chat, or its prompt counted
             kind = wire.ChatRequest
         try:
             body = wire.decode(await request.body(), kind, n_ctx=model.n_ctx)
             prep = await model.run(model.prepare, body)
         except MycoError as exc:
             return _error(exc)
+        if request.url.path == "/v1" + protocol.TOKENS_PATH:
+            return Response(encode(protocol.TokenCount(len(prep.prompt))),
+                            media_type="application/json")
         if body.stream:
             return await answer(model.stream(model.infer, prep, body), True)
         stop = threading.Event()
@@ -207,6 +213,7 @@ def create_app(model: Model, model_id: str,
         Route("/v1/chat/completions", generation, methods=["POST"]),
         Route("/v1/completions", generation, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1" + protocol.TOKENS_PATH, generation, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/load", load, methods=["GET"]),
     ])

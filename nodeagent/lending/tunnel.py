@@ -8,7 +8,7 @@ worker on another host through this tunnel and nothing else:
 - `TunnelEntrance` listens on 127.0.0.1; per connection it dials the exit as its identity and
   checks the exit's id against the pinned worker id before it relays a byte.
 - `TunnelExit` listens on the LAN and requires a client certificate.  `grant` adds a trusted
-  peer and the one local port it may reach (or how to dial it: nodeagent/lending.py dials a
+  peer and the one local port it may reach (or how to dial it: nodeagent/lending/lender.py dials a
   worker in its own network); `revoke` removes it and ends its connections.
   OpenSSL refuses unknown certificates in the handshake; the allow-set is checked again after
   it, so a peer revoked while its handshake was running is still refused.  The worker is

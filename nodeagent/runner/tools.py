@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from nodeagent.wire import ChatRequest, Tool
+from nodeagent.runner.wire import ChatRequest, Tool
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL = 4

@@ -6,8 +6,9 @@ backend's registry entry, as llama.cpp's own `--rpc` flag does.  Loading libggml
 give a second, empty device registry whose devices the model never uses.
 
 Worker side: `serve_worker` serves one device (the CPU, or a GPU by name) and blocks; run it in
-a process of its own (`python -m nodeagent.rpcworker`).  Head side: `probe` every worker, then
-`add_servers` before the model is loaded; the devices are named RPC0, RPC1, ... in that order.
+a process of its own (`python -m nodeagent.lending.rpcworker`).  Head side (a runner): `probe`
+every worker, then `add_servers` before the model is loaded; the devices are named RPC0, RPC1,
+... in that order.
 A head aborts (SIGABRT) when a worker is unreachable at registration or dies later, so it must be
 a supervised child process, and workers must be probed first.
 

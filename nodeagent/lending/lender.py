@@ -1,12 +1,12 @@
 """Lending: this node's devices to other nodes' heads, over llama.cpp RPC through the tunnel.
 
-    POST /node/rpc/lease {model, head_id, head_certificate, device} -> the device's rpc worker
-    (nodeagent/rpcworker.py, on 127.0.0.1) started unless it runs, the head granted at this
-    node's TunnelExit, which relays to it -> {tunnel_port, protocol, device, worker_port}
+    POST /node/rpc/lease `protocol.LeaseRequest` -> the device's rpc worker (rpcworker.py, on
+    127.0.0.1) started unless it runs, the head granted at this node's TunnelExit, which
+    relays to it -> `protocol.Lease` {tunnel_port, protocol, device, worker_port}
 
 The exit reaches a worker with sockets the worker makes for it in its own network namespace
 (`Lease.dial`): where Linux allows one, no other process can reach the worker's port.  The
-weights a worker keeps for reloads are capped (nodeagent/rpccache.py).
+weights a worker keeps for reloads are capped (rpccache.py).
 
 ggml's RPC server serves one head at a time: one worker and one lease per device, and a head
 reaches one worker here (the exit maps a head to one port).  A lease colliding with another
@@ -26,16 +26,17 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from myco import protocol
 from myco.errors import BadRequest, Unavailable
 from myco.identity import Identity, parse_id
-from myco.protocol import LeaseRequest, RpcVersion
+from myco.protocol import Device, LeaseRequest, Lent, NodeId, RpcInfo, RpcVersion
 from myco.tls import certificate_id
-from nodeagent import capability, child, rpc
+from nodeagent import capability, child
 from nodeagent.hardware import Hardware
-from nodeagent.rpccache import WeightCache
-from nodeagent.tunnel import Stream, TunnelExit
+from nodeagent.lending import rpc
+from nodeagent.lending.rpccache import WeightCache
+from nodeagent.lending.tunnel import Stream, TunnelExit
 
 log = logging.getLogger("myco.node.lending")
 _READY = re.compile(rb"rpc worker listening on 127\.0\.0\.1:(\d+)")
@@ -124,26 +125,23 @@ class Lender:
         self.cache.close()
         await asyncio.gather(*(lease.stop() for lease in self.leases.values()))
 
-    def info(self, hw: Hardware) -> dict[str, Any]:
+    def info(self, hw: Hardware) -> RpcInfo:
         """/node/info's "rpc": the protocol, the tunnel port, each device and what it lends."""
         if self.protocol is None:
-            return {"protocol": None, "tunnel_port": None, "devices": []}
+            return RpcInfo()
         limit = sys.maxsize if self._limit is None else self._limit
-        devices = [{"kind": "cpu", "name": "CPU",
-                    "free_bytes": min(max(0, hw.ram_available - capability.RAM_RESERVE), limit)}]
+        cpu = Device("cpu", "CPU", min(max(0, hw.ram_available - capability.RAM_RESERVE), limit))
         nvidia = [g for g in hw.gpus if g.vendor == "nvidia"]
-        devices += [{"kind": "gpu", "name": f"CUDA{i}", "free_bytes": min(g.memory_free, limit)}
-                    for i, g in enumerate(nvidia) if f"CUDA{i}" in self._gpus]
-        return {"protocol": list(self.protocol), "tunnel_port": self.exit.port,
-                "devices": devices}
+        return RpcInfo(self.protocol, self.exit.port, (cpu, *(
+            Device("gpu", f"CUDA{i}", min(g.memory_free, limit))
+            for i, g in enumerate(nvidia) if f"CUDA{i}" in self._gpus)))
 
-    def lent(self) -> list[dict[str, Any]]:
-        return [{"head": lease.head, "model": lease.model, "device": device,
-                 "worker_port": lease.port, "pid": lease.process.pid,
-                 "connections": self.exit.connections(lease.head)}
-                for device, lease in sorted(self.leases.items())]
+    def lent(self) -> tuple[Lent, ...]:
+        return tuple(Lent(NodeId(lease.head), lease.model, device, lease.port,
+                          lease.process.pid, self.exit.connections(lease.head))
+                     for device, lease in sorted(self.leases.items()))
 
-    async def lease(self, req: LeaseRequest) -> dict[str, Any]:
+    async def lease(self, req: LeaseRequest) -> protocol.Lease:
         """Lend `req.device` to the head; BadRequest for a bad id, certificate or device,
         Unavailable without RPC, when the device or the head is in use, or the worker fails."""
         if self.protocol is None:
@@ -175,14 +173,13 @@ class Lender:
         log.info("lent %s to head %s for %s (rpc worker 127.0.0.1:%d, pid %d)", req.device,
                  head, req.model, lease.port, lease.process.pid)
         assert self.protocol is not None
-        return {"tunnel_port": self.exit.port, "protocol": list(self.protocol),
-                "device": req.device, "worker_port": lease.port}
+        return protocol.Lease(self.exit.port, self.protocol, req.device, lease.port)
 
     async def _start_worker(self, head: str, model: str, device: str) -> Lease:
         ours, theirs = socket.socketpair()
         with theirs:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nodeagent.rpcworker", "--port", "0", "--cache-dir",
+                sys.executable, "-m", "nodeagent.lending.rpcworker", "--port", "0", "--cache-dir",
                 str(self.cache.dir_for(head)), "--threads", str(self._threads), "--device",
                 device, "--control-fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),),
                 stdout=asyncio.subprocess.PIPE, env=child.env())

@@ -1,4 +1,4 @@
-"""`python -m nodeagent.rpcworker --port P --cache-dir D [--threads N] [--device NAME]
+"""`python -m nodeagent.lending.rpcworker --port P --cache-dir D [--threads N] [--device NAME]
 [--control-fd FD]`.
 
 Lends one device of this machine to a llama.cpp head over the RPC protocol, on 127.0.0.1 only
@@ -36,7 +36,8 @@ from pathlib import Path
 
 import psutil
 
-from nodeagent import child, rpc
+from nodeagent import child
+from nodeagent.lending import rpc
 
 HOST = "127.0.0.1"
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
@@ -94,7 +95,7 @@ def _hand_out(control: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nodeagent.rpcworker")
+    parser = argparse.ArgumentParser(prog="python -m nodeagent.lending.rpcworker")
     parser.add_argument("--host", default=HOST, help="must be 127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0: any free port")
     parser.add_argument("--cache-dir", required=True, help="weights received, kept for reuse")
