@@ -24,11 +24,12 @@ import msgspec
 from gateway.audit import AuditEntry, AuditLog
 from gateway.discovery import Discovered, Discovery, judge
 from gateway.egress import Egress
-from gateway.policy import Policy, PolicyError
+from gateway.policy import Policy
 from gateway.pool import ConnectionPool, Peer, WrongPeer
 from gateway.resolve import NodeView
 from gateway.settings import GatewaySettings, local_node_certificate
 from gateway.swarm import SwarmWatcher, Unreachable
+from myco.errors import ConfigError
 from myco.identity import parse_id
 from myco.tls import certificate_id
 
@@ -56,7 +57,7 @@ class Membership:
         try:
             local = local_node_id(settings.local_node_id, local_node_certificate())
         except ValueError as exc:
-            raise PolicyError(policy.source, None, f"MYCO_GATEWAY_LOCAL_NODE_ID: {exc}") from None
+            raise ConfigError("MYCO_GATEWAY_LOCAL_NODE_ID", str(exc)) from None
         # The id each node must present (policy nodes without one are on loopback).
         self.pins: dict[str, str | None] = {n.name: n.id or local for n in policy.nodes.values()}
         self.watcher = SwarmWatcher(policy.nodes, self._node_info,

@@ -33,18 +33,19 @@ from urllib.parse import urlsplit
 import msgspec
 
 from gateway import toml_lines
+from myco.errors import ConfigError
 from myco.identity import parse_id
 
 _T = TypeVar("_T")
-EndpointKind = Literal["chat", "completions", "embeddings"]
-ENDPOINT_KINDS: tuple[EndpointKind, ...] = ("chat", "completions", "embeddings")
+EndpointKind = Literal["chat", "completions", "embeddings", "responses", "messages"]
+ENDPOINT_KINDS: tuple[EndpointKind, ...] = ("chat", "completions", "embeddings", "responses",
+                                            "messages")
 
 
-class PolicyError(Exception):
+class PolicyError(ConfigError):
     def __init__(self, file: str, line: int | None, reason: str) -> None:
-        where = f"{file}:{line}" if line else file
-        super().__init__(f"{where}: {reason}")
-        self.file, self.line, self.reason = file, line, reason
+        super().__init__(f"{file}:{line}" if line else file, reason)
+        self.file, self.line = file, line
 
 
 # --- the file as written (strict: unknown keys are errors) -------------------------------
@@ -237,8 +238,9 @@ def load(path: str | os.PathLike[str]) -> Policy:
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(name, None, f"cannot read policy: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
+        raise PolicyError(name, None, f"cannot read policy: {why}") from None
     return parse(text, name)
 
 

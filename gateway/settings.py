@@ -6,16 +6,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import msgspec
 import platformdirs
 
+from myco import config
 from myco.guard import ConnectionLimits
 
 
 class GatewaySettings(ConnectionLimits, frozen=True):  # + the connection limits
     policy_path: str
     host: str = "127.0.0.1"
-    port: int = 8787
+    port: config.Port = 8787
     max_body_bytes: int = 16 * 1024 * 1024
     audit_path: str | None = None  # None: the policy's [audit] path, else the state dir
     health_interval: float = 1.0  # with the timeout: a dead node is unhealthy within 2 s
@@ -28,25 +28,20 @@ class GatewaySettings(ConnectionLimits, frozen=True):  # + the connection limits
     # id of the node identity in the node's default state dir, if there is one.
     local_node_id: str | None = None
     discover: str | None = None  # interface address to browse mDNS on; None: no discovery
-    state_dir: str = ""  # the gateway's identity (key, certificate)
+    state_dir: str = ""  # the gateway's identity (key, certificate), stored Responses
+    responses_max_age: float = 30 * 24 * 3600.0  # a stored response is dropped after this,
+    responses_max_bytes: int = 256 * 1024 * 1024  # or sooner, oldest first, past this size
     # Host names served besides loopback and its own addresses (MYCO_GATEWAY_ALLOWED_HOSTS=a,b)
     allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> GatewaySettings:
-        """Flags win over `MYCO_GATEWAY_*` variables, which win over defaults."""
-        values: dict[str, object] = {}
-        for field in cls.__struct_fields__:
-            env = environ.get(f"MYCO_GATEWAY_{field.upper()}")
-            if env is not None:
-                values[field] = env
-        values.update({k: v for k, v in flags.items() if v is not None})
-        if isinstance(hosts := values.get("allowed_hosts"), str):
-            values["allowed_hosts"] = [h.strip() for h in hosts.split(",") if h.strip()]
-        if "policy_path" not in values:
-            values["policy_path"] = environ.get("MYCO_POLICY", "policies/default.toml")
-        values.setdefault("state_dir", str(default_state_dir()))
-        return msgspec.convert(values, cls, strict=False)
+        """Flags win over `MYCO_GATEWAY_*` variables, which win over defaults (the policy:
+        `MYCO_POLICY`); ConfigError naming the variable or flag of a value that does not fit."""
+        defaults = {"policy_path": environ.get("MYCO_POLICY", "policies/default.toml"),
+                    "state_dir": default_state_dir()}
+        return config.from_env(cls, "MYCO_GATEWAY_", environ, flags, defaults, {
+            "allowed_hosts": lambda hosts: [h.strip() for h in hosts.split(",") if h.strip()]})
 
 
 def default_state_dir() -> str:

@@ -6,10 +6,13 @@
     │   └── UnsupportedMediaType   415     invalid_request_error
     ├── Unauthorized               401     authentication_error
     ├── Denied                     403     permission_error
-    ├── ModelNotFound              404     invalid_request_error (code model_not_found)
+    ├── NotFound                   404     invalid_request_error (a stored response)
+    │   └── ModelNotFound          404     invalid_request_error (code model_not_found)
     ├── Busy                       429     rate_limit_error (carries Retry-After)
     ├── TargetFailed               502     api_error
     └── Unavailable                503     api_error
+    ConfigError (a ValueError)     a startup mistake: `myco` prints "myco: WHERE: REASON", exit 2
+    └── PolicyError                (gateway/policy.py) WHERE is file:line
 
 Every HTTP error either process returns is `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -77,9 +80,13 @@ class Denied(MycoError):
     code = "denied_by_policy"
 
 
-class ModelNotFound(MycoError):
+class NotFound(MycoError):
     status = 404
     type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
@@ -104,6 +111,15 @@ class TargetFailed(MycoError):
 class Unavailable(MycoError):
     status = 503
     code = "no_available_target"
+
+
+class ConfigError(ValueError):
+    """A setting, file or variable that stops start-up: `where` names it (a `MYCO_*` variable,
+    a --flag, a file, file:line), `reason` says what is wrong with it."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
 
 
 def encode_error(message: str, type_: str, param: str | None = None,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import msgspec
 
+from myco.errors import ConfigError
+
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 
@@ -58,7 +60,8 @@ def parse_id(text: str) -> str:
 
 
 def load_or_create(state_dir: Path, common_name: str) -> Identity:
-    """The identity kept in `state_dir`, created on first use (key file mode 0600)."""
+    """The identity kept in `state_dir`, created on first use (key file mode 0600);
+    ConfigError naming the file if cert.pem or key.pem cannot be read or do not match."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -81,7 +84,17 @@ def load_or_create(state_dir: Path, common_name: str) -> Identity:
                                       serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem = cert_path.read_bytes()
-    cert = x509.load_pem_x509_certificate(pem)
+    where, what = cert_path, "a PEM certificate"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        where, what = key_path, f"the PEM private key of {cert_path.name}, with no passphrase"
+        private = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        if private.public_key() != cert.public_key():
+            raise ValueError(what)
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a key with a passphrase
+        reason = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else f"not {what}"
+        raise ConfigError(str(where), f"{reason} (move cert.pem and key.pem away for a new "
+                          "identity, a new id: pair it again)") from None
+    pem = cert.public_bytes(serialization.Encoding.PEM)
     return Identity(id_of(cert.public_bytes(serialization.Encoding.DER)), str(cert_path),
                     str(key_path), pem.decode("ascii"))

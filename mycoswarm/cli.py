@@ -15,6 +15,7 @@ import httpx
 import msgspec
 
 from myco import lifeline
+from myco.errors import ConfigError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8787"
 
@@ -25,19 +26,9 @@ def _log_setup() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
 
 
-def _policy_or_exit(path: str) -> Any:
-    from gateway import policy
-
-    try:
-        return policy.load(path)
-    except policy.PolicyError as exc:
-        print(f"myco: invalid policy: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 def cmd_gateway(args: argparse.Namespace) -> None:
+    from gateway import policy
     from gateway.app import create_app
-    from gateway.policy import PolicyError
     from gateway.settings import GatewaySettings
     from myco.identity import load_or_create
     from myco.serve import bind, serve
@@ -50,12 +41,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         print(identity.id)
         return
     _log_setup()
-    policy = _policy_or_exit(settings.policy_path)
-    try:
-        app = create_app(settings, policy, identity)
-    except PolicyError as exc:
-        print(f"myco: invalid policy: {exc}", file=sys.stderr)
-        sys.exit(2)
+    app = create_app(settings, policy.load(settings.policy_path), identity)
     logging.getLogger("myco.gateway").info(
         "gateway id %s (pair a node with it: `myco node allow %s`)", identity.id, identity.id)
     serve(app, bind(settings.host, settings.port), "myco gateway", limits=settings)
@@ -63,19 +49,14 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 def cmd_node(args: argparse.Namespace) -> None:
     from myco.identity import load_or_create
-    from myco.serve import bind, serve
-    from myco.tls import server_context
-    from nodeagent import hardware, pairing
-    from nodeagent.app import NodeAgent, create_app
+    from myco.serve import serve
+    from nodeagent.app import build
     from nodeagent.settings import NodeSettings
 
-    try:
-        settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
-                                         name=args.name, n_ctx=args.n_ctx,
-                                         queue_size=args.queue_size, state_dir=args.state_dir,
-                                         announce=args.announce, memory_limit=args.memory_limit)
-    except ValueError as exc:
-        raise SystemExit(f"myco: invalid node setting: {exc}") from None
+    settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
+                                     name=args.name, n_ctx=args.n_ctx,
+                                     queue_size=args.queue_size, state_dir=args.state_dir,
+                                     announce=args.announce, memory_limit=args.memory_limit)
     identity = load_or_create(Path(settings.state_dir), settings.name)
     if args.action == "id":
         print(identity.id)
@@ -84,25 +65,8 @@ def cmd_node(args: argparse.Namespace) -> None:
         _node_allow(args, Path(settings.state_dir))
         return
     _log_setup()
-    log = logging.getLogger("myco.node")
-    try:
-        paired = pairing.load(Path(settings.state_dir))
-    except pairing.PairingError as exc:
-        print(f"myco: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sock = bind(settings.host, settings.port)
-    tls = server_context(identity, paired.values())
-    agent = NodeAgent(settings, hardware.detect(), identity, port=sock.getsockname()[1],
-                      tls=tls, paired=paired)
-    models = agent.store.list()
-    log.info("node %s (id %s): %d model(s) in %s: %s", settings.name, identity.id, len(models),
-             settings.models_dir, ", ".join(m.id for m in models) or "none")
-    if paired:
-        log.info("serving %d paired gateway(s): %s", len(paired), ", ".join(paired))
-    else:
-        log.warning("no gateway is paired with this node: it refuses every connection until "
-                    "`myco node allow GATEWAY_ID` (the gateway logs its id at start)")
-    serve(create_app(agent), sock, "myco node", tls=tls, limits=settings)
+    app, sock, tls = build(settings, identity)
+    serve(app, sock, "myco node", tls=tls, limits=settings)
 
 
 def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
@@ -112,7 +76,10 @@ def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
     from nodeagent import pairing
 
     if args.cert:  # a file the person chose: its certificate is the one to trust
-        pem, name = Path(args.cert).read_text(encoding="ascii"), args.cert
+        try:
+            pem, name = Path(args.cert).read_text(encoding="ascii"), args.cert
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(args.cert, f"cannot read the certificate: {exc}") from None
     elif args.peer:  # fetched over the network: it must be the id the person typed
         found = _gateway_call(args, "GET", "/v1/identity")
         pem, name = str(found.get("certificate") if isinstance(found, dict) else ""), args.gateway
@@ -122,7 +89,7 @@ def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
     try:
         gateway_id = args.peer or certificate_id(pem)
         added = pairing.add(state_dir, gateway_id, pem, name)
-    except (ValueError, pairing.PairingError) as exc:
+    except ValueError as exc:  # PairingError too
         raise SystemExit(f"myco: not paired: {exc}") from None
     print(f"{'paired' if added else 'already paired:'} gateway {gateway_id} "
           f"({state_dir / pairing.FILE}); a running node serves it within a second")
@@ -177,7 +144,9 @@ def _span(layers: list[int]) -> str:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> None:
-    p = _policy_or_exit(args.file)
+    from gateway.policy import load
+
+    p = load(args.file)
     print(f"{args.file}: ok ({len(p.nodes)} node(s), {len(p.upstreams)} upstream(s), "
           f"{len(p.routes)} route(s))")
     for route in p.routes:
@@ -189,9 +158,10 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
     if args.tools:
         body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     if args.policy:
+        from gateway.policy import load
         from gateway.resolve import NodeView, RoutingRequest, resolve
 
-        p = _policy_or_exit(args.policy)
+        p = load(args.policy)
         print("offline: every listed node is assumed healthy and to serve the model")
         swarm = {name: NodeView(name, True, None) for name in p.nodes}
         decision = resolve(RoutingRequest(args.endpoint, args.model, args.client, args.tools),
@@ -217,8 +187,10 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_policy_allow(args: argparse.Namespace) -> None:
-    """Append a discovered node to the policy file; comments and order stay as they were."""
-    from gateway.policy import PolicyError, parse
+    """Append a discovered node to the policy file, leaving what was there as it was."""
+    import tomlkit
+
+    from gateway.policy import PolicyError, load, parse
 
     found = [d for d in _gateway_call(args, "GET", "/v1/swarm")["discovered"]
              if args.node in (d["name"], d["id"])]
@@ -232,19 +204,20 @@ def cmd_policy_allow(args: argparse.Namespace) -> None:
         print(f"myco: {len(found)} discovered nodes match {args.node!r}; "
               "name one by its id (see `myco nodes`)", file=sys.stderr)
         sys.exit(1)
-    node = found[0]
-    path = Path(args.policy)
-    text = path.read_text(encoding="utf-8")
+    node, path = found[0], Path(args.policy)
     name = args.name or node["name"]
-    table = (f"\n[nodes.{json.dumps(name)}]   # added by `myco policy allow`\n"
-             f'address = "{node["addresses"][0]}:{node["port"]}"\nid = "{node["id"]}"\n')
+    if name in load(path).nodes:
+        raise ConfigError(str(path), f"not added: it lists {name!r} already; pass --name")
+    entry = tomlkit.table()  # tomlkit writes the name as TOML needs it: [nodes."pi.lan"]
+    entry.update(address=f"{node['addresses'][0]}:{node['port']}", id=node["id"])
+    entry.comment("added by `myco policy allow`")
+    text = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + tomlkit.dumps(
+        {"nodes": {name: entry}})
     try:
-        parse(text.rstrip("\n") + "\n" + table, str(path))
+        parse(text, str(path))  # as the gateway will read it
     except PolicyError as exc:
-        print(f"myco: not added: {exc} (is {name!r} already listed? pass --name)",
-              file=sys.stderr)
-        sys.exit(2)
-    path.write_text(text.rstrip("\n") + "\n" + table, encoding="utf-8")
+        raise ConfigError(str(path), f"not added: {exc.reason}") from None
+    path.write_text(text, encoding="utf-8")
     print(f"added node {name!r} ({node['id']}) to {path}; a route must name it before any "
           "request goes there; restart the gateway to load the policy")
 
@@ -341,8 +314,8 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_policy_check)
     explain = psub.add_parser("explain", help="where would a request go, and why (dry-run)")
     explain.add_argument("--model", required=True)
-    explain.add_argument("--endpoint", choices=["chat", "completions", "embeddings"],
-                         default="chat")
+    explain.add_argument("--endpoint", default="chat", choices=[
+        "chat", "completions", "embeddings", "responses", "messages"])
     explain.add_argument("--tools", action="store_true", help="the request carries tools")
     explain.add_argument("--client", help="client name (offline mode only)")
     explain.add_argument("--policy", help="resolve offline against this file instead of "
@@ -370,7 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if os.environ.get(lifeline.PARENT):  # started by `myco up`: stop when it ends
         lifeline.die_with_parent(signal.SIGTERM)
-    args.func(args)
+    try:
+        args.func(args)
+    except ConfigError as exc:  # a setting, the policy or a file stops start-up: one line
+        print(f"myco: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen[str], tls: ssl.SSLContext,
 
 def up(args: argparse.Namespace, grace: float = 10.0) -> None:
     """Start a local node and a gateway, paired with each other; stop both when this ends."""
-    try:
-        policy.load(args.policy)
-        node_settings = NodeSettings.from_env(port=args.node_port)
-    except (policy.PolicyError, ValueError) as exc:
-        print(f"myco: invalid policy or node setting: {exc}", file=sys.stderr)
-        sys.exit(2)
+    policy.load(args.policy)  # a mistake stops here, before any process starts (ConfigError)
+    node_settings = NodeSettings.from_env(port=args.node_port)
     gateway_settings = GatewaySettings.from_env(port=args.port)
     gateway_id = load_or_create(Path(gateway_settings.state_dir), "myco gateway")
     node_id = load_or_create(Path(node_settings.state_dir), node_settings.name)
