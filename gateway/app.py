@@ -4,7 +4,8 @@
     body re-encoded from what was parsed (gateway/wire.py) to the chosen target (the next
     one while no byte has reached the client) -> relay (myco/proxy.py)
 
-The dry-run endpoint calls the same `resolve` and sends nothing.
+The dry-run endpoint calls the same `resolve` and sends nothing.  The Responses and Messages
+APIs take the same path, translated to a chat request and back (gateway/translation.py).
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
-from litestar import Litestar, Request, Response, get, post
-from litestar.response import Stream
+from litestar import Litestar, Request, Response, get, post, route
 
 from gateway.audit import Attempt, AuditEntry, AuditLog, bounded
 from gateway.egress import Egress, EgressDenied
 from gateway.lease import lease
 from gateway.membership import Membership
+from gateway.messages import Messages, anthropic_errors
 from gateway.policy import ENDPOINT_KINDS, EndpointKind, Policy, PolicyError
 from gateway.pool import ConnectionPool, Peer
 from gateway.resolve import Decision, RoutingRequest, resolve
+from gateway.responses import Responses, ResponseStore
 from gateway.settings import GatewaySettings, default_audit_path
+from gateway.translation import Answer, Dialect
 from gateway.wire import DryRunFields, RoutingFields, forwarded
 from myco import protocol
 from myco.errors import (
@@ -46,7 +50,6 @@ from myco.identity import Identity
 from myco.proxy import TargetLost, relay, unless_gone
 from myco.tls import client_context
 
-Answer = Response[bytes] | Stream
 _REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
 _PATHS: dict[EndpointKind, str] = {"chat": "/chat/completions", "completions": "/completions",
                                    "embeddings": "/embeddings"}
@@ -82,6 +85,8 @@ class Gateway:
                           for u in policy.upstreams.values()}
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
         self.members = Membership(settings, policy, self.pool, self.egress, self.audit)
+        self.store = ResponseStore(Path(settings.state_dir) / "responses.sqlite3",
+                                   settings.responses_max_age, settings.responses_max_bytes)
 
     def peer(self, target: str) -> Peer | None:
         """Where to send to `target` now (None: a node whose address is not known yet)."""
@@ -93,7 +98,9 @@ class Gateway:
         if not self.keys:
             return None
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        name = self.keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        if scheme.lower() != "bearer":  # Anthropic's clients send x-api-key
+            key = request.headers.get("x-api-key", "")
+        name = self.keys.get(key.strip())
         if name is None:
             raise Unauthorized("missing or unknown API key for this gateway")
         return name
@@ -106,7 +113,8 @@ class Gateway:
             headers["authorization"] = f"Bearer {key}"
         return headers
 
-    async def forward(self, request: Request[Any, Any, Any], endpoint: EndpointKind) -> Any:
+    async def forward(self, request: Request[Any, Any, Any], endpoint: EndpointKind,
+                      dialect: Dialect | None = None) -> Any:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         raw = await request.body()
@@ -117,7 +125,8 @@ class Gateway:
         attempts: list[Attempt] = []
         try:
             client = self.authenticate(request)
-            raw, fields = forwarded(raw, RoutingFields)
+            raw, fields = forwarded(dialect.chat_body(raw, client) if dialect else raw,
+                                    RoutingFields)
             decision = resolve(RoutingRequest(endpoint, fields.model, client, fields.has_tools),
                                self.policy, self.members.views,
                                self.members.strangers())
@@ -132,11 +141,13 @@ class Gateway:
             # Until an answer is returned no byte has reached the client: any target that
             # fails before then is followed by the next one.  A client that leaves meanwhile
             # closes the attempt in progress.
+            path = dialect.path if dialect else _PATHS[endpoint]
             target, answer = await unless_gone(self._attempt(
-                request, endpoint, raw, split, decision, request_id, attempts), request.receive)
+                request, path, raw, split, decision, request_id, attempts), request.receive)
             if answer is None:
                 raise TargetFailed("every target failed: " + "; ".join(
                     f"{a.target}: {a.outcome}" for a in attempts))
+            answer = dialect.answer(answer) if dialect else answer
             self._record(started, request_id, endpoint, fields, client, decision, target,
                          answer.status_code or 200, None, raw, attempts)
             return answer
@@ -149,14 +160,14 @@ class Gateway:
                          exc.status, exc.message, raw, attempts)
             raise
 
-    async def _attempt(self, request: Request[Any, Any, Any], endpoint: EndpointKind,
-                       body: bytes, split: dict[str, str], decision: Decision, request_id: str,
+    async def _attempt(self, request: Request[Any, Any, Any], path: str, body: bytes,
+                       split: dict[str, str], decision: Decision, request_id: str,
                        attempts: list[Attempt]) -> tuple[str | None, Answer | None]:
         """Send to the eligible targets in order: the first answer, with who gave it (None:
         every target failed; `attempts` says how)."""
         for target in decision.eligible:
             try:
-                answer = await self._try(target, request, endpoint, body, split, decision,
+                answer = await self._try(target, request, path, body, split, decision,
                                          request_id)
             except asyncio.CancelledError:  # the client left (unless_gone), or we stop
                 attempts.append(Attempt(target, "abandoned"))
@@ -168,16 +179,17 @@ class Gateway:
             return target, answer
         return None, None
 
-    async def _try(self, target: str, request: Request[Any, Any, Any], endpoint: EndpointKind,
-                   body: bytes, split: dict[str, str], decision: Decision,
-                   request_id: str) -> Answer | str:
+    async def _try(self, target: str, request: Request[Any, Any, Any], path: str, body: bytes,
+                   split: dict[str, str], decision: Decision, request_id: str) -> Answer | str:
         """`target`'s answer, or why it gave none (the next target may be tried then)."""
         where = self.peer(target)
         if where is None:
             return "no address known"
+        if path == protocol.TOKENS_PATH and target in self.upstreams:
+            return "an upstream cannot count tokens"
         headers = {**self.headers_for(target, request), **split}
         try:
-            upstream = await self.pool.send(where, _PATHS[endpoint], headers, body)
+            upstream = await self.pool.send(where, path, headers, body)
         except EgressDenied as exc:
             raise TargetFailed(str(exc)) from None
         except httpx.HTTPError as exc:
@@ -235,6 +247,7 @@ class Gateway:
 def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
                environ: Mapping[str, str] = os.environ) -> Litestar:
     gateway = Gateway(settings, policy, identity, environ)
+    handlers = exception_handlers({"x-myco-node": "-", "x-myco-rule": "none"})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -245,6 +258,7 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
             await gateway.members.stop()
             await gateway.pool.aclose()
             gateway.audit.close()
+            gateway.store.close()
 
     @post("/v1/chat/completions")
     async def chat(request: Request[Any, Any, Any]) -> Any:
@@ -257,6 +271,27 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
     @post("/v1/embeddings")
     async def embeddings(request: Request[Any, Any, Any]) -> Any:
         return await gateway.forward(request, "embeddings")
+
+    @post("/v1/responses")
+    async def responses(request: Request[Any, Any, Any]) -> Any:
+        return await gateway.forward(request, "responses", Responses(gateway.store))
+
+    @route("/v1/responses/{response_id:str}", http_method=["GET", "DELETE"], status_code=200)
+    async def stored(request: Request[Any, Any, Any], response_id: str) -> Any:
+        found = gateway.store.get(response_id, gateway.authenticate(request),
+                                  delete=request.method == "DELETE")
+        return found["response"] if request.method == "GET" else \
+            {"id": response_id, "object": "response", "deleted": True}
+
+    anthropic = anthropic_errors(handlers)
+
+    @post("/v1/messages", exception_handlers=anthropic)
+    async def messages(request: Request[Any, Any, Any]) -> Any:
+        return await gateway.forward(request, "messages", Messages())
+
+    @post("/v1/messages/count_tokens", exception_handlers=anthropic)
+    async def count_tokens(request: Request[Any, Any, Any]) -> Any:
+        return await gateway.forward(request, "messages", Messages(count=True))
 
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -288,10 +323,10 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
         return {"id": identity.id, "certificate": identity.pem()}
 
     return Litestar(
-        route_handlers=[chat, completions, embeddings, models, dry_run, show_policy, swarm,
-                        health, show_identity],
+        route_handlers=[chat, completions, embeddings, responses, stored, messages,
+                        count_tokens, models, dry_run, show_policy, swarm, health, show_identity],
         lifespan=[lifespan],
-        exception_handlers=exception_handlers({"x-myco-node": "-", "x-myco-rule": "none"}),
+        exception_handlers=handlers,
         middleware=[request_guard(allowed_names(settings.host, settings.allowed_hosts))],
         cors_config=cors(policy.cors_origins),
         request_max_body_size=settings.max_body_bytes,

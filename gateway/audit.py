@@ -33,7 +33,7 @@ class Attempt(msgspec.Struct, frozen=True):
 class AuditEntry(msgspec.Struct, frozen=True, omit_defaults=True):
     time: float  # unix seconds
     request_id: str
-    endpoint: str
+    endpoint: str  # the client's API: chat, completions, embeddings, responses, messages
     model: str | None
     client: str | None
     rule: str

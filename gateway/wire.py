@@ -39,6 +39,7 @@ class DryRunFields(RoutingFields, frozen=True):
 
 
 T = TypeVar("T", bound="RoutingFields")
+D = TypeVar("D")
 
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {
     kind: msgspec.json.Decoder(kind) for kind in (RoutingFields, DryRunFields)}
@@ -48,17 +49,18 @@ _encoder = msgspec.json.Encoder()
 
 def decode(raw: bytes, kind: type[T]) -> T:
     """Decode `raw`; bad JSON or a missing/wrong-typed routing field is a 400 naming it."""
-    return cast(T, _decode(_decoders[kind], raw))
+    return cast(T, checked(_decoders[kind], raw))
 
 
 def forwarded(raw: bytes, kind: type[T]) -> tuple[bytes, T]:
     """The body to forward (each top-level key once, values unchanged) and the routing
     fields read from it; `BadRequest` as `decode`."""
-    body = _encoder.encode(_decode(_object, raw))
+    body = _encoder.encode(checked(_object, raw))
     return body, decode(body, kind)
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+def checked(decoder: msgspec.json.Decoder[D], raw: bytes) -> D:
+    """`decoder.decode(raw)`; bad JSON or a missing/wrong-typed field is a 400 naming it."""
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:

@@ -4,6 +4,7 @@
     gateway -> node    GET  /node/info                    -> NodeInfo
     gateway -> node    POST /node/rpc/lease  LeaseRequest -> Lease
     gateway -> head    POST /v1/...  with header `SPLIT_HEADER`: Split (JSON)
+    gateway -> node    POST /v1/chat/tokens  a chat request  -> TokenCount
 
 Both sides encode and decode these structs (frozen, msgspec); neither builds the dicts by hand.
 A field added here is seen by both at once; a node older than its gateway simply lacks it
@@ -22,11 +23,18 @@ RpcVersion = tuple[int, int, int]  # ggml RPC protocol: major, minor, patch
 
 SERVICE = "_myco._tcp.local."
 SPLIT_HEADER = "x-myco-split"
+TOKENS_PATH = "/chat/tokens"  # under the node's /v1, as /chat/completions
 MiB = 1024**2
 COMPUTE_BYTES = 256 * MiB  # llama.cpp's scratch buffers per device, roughly, for small batches
 
 
 DeviceKind = Literal["gpu", "cpu"]
+
+
+class TokenCount(msgspec.Struct, frozen=True):
+    """A chat request's prompt, rendered with the model's chat template, in tokens."""
+
+    input_tokens: int
 
 
 class Device(msgspec.Struct, frozen=True):
@@ -130,7 +138,7 @@ class RunnerState(msgspec.Struct, frozen=True):
 
 class SplitState(Split, frozen=True):
     """A split runner on its head: the plan, and the runner's load record (which device
-    holds which layers, nodeagent/loadrecord.py)."""
+    holds which layers, nodeagent/runner/loadrecord.py)."""
 
     record: dict[str, Any] | None = None
 

@@ -48,7 +48,7 @@ class ClientGone(MycoError):
 
 
 class Relayed(Protocol):
-    """What the relay needs of a response: httpx.Response and gateway.pool's PooledResponse have it."""
+    """What the relay needs of a response: httpx.Response and gateway.pool.PooledResponse."""
 
     status_code: int
 
