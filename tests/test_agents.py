@@ -55,11 +55,13 @@ def test_openai_agents_sdk_loop(gateway: Proc) -> None:
             await client.close()
 
     result = asyncio.run(go())
-    assert len(calls) >= 1 and all(isinstance(c, str) for c in calls)
+    assert calls and set(calls) == {"Paris"}  # the first turn's calls, then tools are off
     kinds = [item.type for item in result.new_items]
-    assert kinds[0] == "tool_call_item" and "tool_call_output_item" in kinds
-    assert kinds[-1] == "message_output_item"
-    assert isinstance(result.final_output, str)
+    assert kinds == ["tool_call_item"] * len(calls) + ["tool_call_output_item"] * len(calls) \
+        + ["message_output_item"], kinds
+    assert result.new_items[len(calls)].output == "sunny, 21 C"
+    assert result.final_output and result.final_output == \
+        result.new_items[-1].raw_item.content[0].text
 
 
 def test_langchain_bind_tools_loop(gateway: Proc) -> None:
@@ -78,7 +80,7 @@ def test_langchain_bind_tools_loop(gateway: Proc) -> None:
     question = HumanMessage(QUESTION)
     asked = bound.invoke([question])
     assert asked.tool_calls and asked.tool_calls[0]["name"] == "get_weather"
-    assert isinstance(asked.tool_calls[0]["args"]["city"], str)
+    assert asked.tool_calls[0]["args"] == {"city": "Paris"}
     # The same call, streamed, aggregates to the same tool call.
     streamed: Any = None
     for chunk in bound.stream([question]):
@@ -90,4 +92,6 @@ def test_langchain_bind_tools_loop(gateway: Proc) -> None:
     result = get_weather.invoke(call["args"])
     final = llm.bind_tools([get_weather], tool_choice="none").invoke(
         [question, asked, ToolMessage(content=result, tool_call_id=call["id"])])
-    assert isinstance(final.content, str) and not final.tool_calls
+    assert final.content and type(final.content) is str and not final.tool_calls
+    used = final.usage_metadata["output_tokens"]  # type: ignore[index]
+    assert final.response_metadata["finish_reason"] == ("length" if used == 64 else "stop")

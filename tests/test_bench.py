@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.procs import ROOT
+
+pytestmark = pytest.mark.slow  # each starts a gateway and fake upstreams, then measures
 
 
 def test_gateway_overhead_bench_runs_without_errors() -> None:

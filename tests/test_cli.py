@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.procs import Proc, run_myco
+from tests.procs import Proc, run_myco, run_myco_here
 
 COMMANDS = [["up"], ["gateway"], ["node"], ["nodes"], ["policy", "check"],
             ["policy", "explain"], ["hw"]]
@@ -17,7 +17,7 @@ COMMANDS = [["up"], ["gateway"], ["node"], ["nodes"], ["policy", "check"],
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help(command: list[str]) -> None:
-    result = run_myco(*command, "--help")
+    result = run_myco_here(*command, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: myco " + " ".join(command))
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mycoswarm.cli import parser
-from tests.procs import ROOT, run_myco
+from tests.procs import ROOT, run_myco_here
 
 COMPOSE = ROOT / "compose"
 SERVICES = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
@@ -33,7 +33,7 @@ def test_mounted_policies_pass_check(name: str) -> None:
     inside = command[command.index("--policy") + 1]
     mounts = dict(reversed(v.split(":")[:2]) for v in service.get("volumes", []))
     assert inside in mounts, f"{name} uses {inside} but mounts no file there"
-    result = run_myco("policy", "check", str(COMPOSE / mounts[inside]))
+    result = run_myco_here("policy", "check", str(COMPOSE / mounts[inside]))
     assert result.returncode == 0, result.stderr
 
 

@@ -26,7 +26,7 @@ from myco.tls import client_context
 from nodeagent import pairing
 from tests import netns
 from tests.conftest import MODEL_ID
-from tests.procs import Proc, myco, run_myco
+from tests.procs import Proc, myco, run_myco, wait_for
 
 why_not = netns.available()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
@@ -44,16 +44,6 @@ def node_state(tmp_path: Path, name: str, gateway: Identity) -> tuple[Path, str]
     state = tmp_path / name
     pairing.add(state, gateway.id, gateway.pem(), "test gateway")
     return state, load_or_create(state, name).id
-
-
-def wait_for(check: Callable[[], Any], timeout: float) -> tuple[Any, float]:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        value = check()
-        if value:
-            return value, time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
 
 
 class Swarm:
@@ -112,11 +102,12 @@ def test_discovery_shows_pins_and_the_policy_decides(lan: netns.Lan, models_dir:
         first = swarm.dry_run()
         assert first["status"] == 503, first  # listed, not discovered yet
         n1 = swarm.node("n1", "n1", n1_state)
-        found, took = wait_for(lambda: swarm.discovered().get(n1_addr), 10)
-        print(f"n1 discovered {took * 1000:.0f} ms after it listened")
+        listened = time.monotonic()
+        found = wait_for(lambda: swarm.discovered().get(n1_addr), 10, "n1 discovered")
+        print(f"n1 discovered {(time.monotonic() - listened) * 1000:.0f} ms after it listened")
         assert found["status"] == "listed" and found["listed_as"] == "n1"
         assert found["addresses"] == [n1_addr] and found["port"] == 8788
-        wait_for(lambda: swarm.dry_run()["allowed"], 5)
+        wait_for(lambda: swarm.dry_run()["allowed"], 5, "n1 eligible")
 
         # A real node announcing the listed name with its own certificate (paired with the
         # gateway, even), and a host announcing n1's id with its own certificate.
@@ -125,7 +116,7 @@ def test_discovery_shows_pins_and_the_policy_decides(lan: netns.Lan, models_dir:
                       spoof_addr, "--name", "n1-spoof", "--claim-id", n1_id, "--state",
                       str(tmp_path / "spoof"), "--trust", gateway.cert_path])
         swarm.procs.append(spoof)
-        imposter, _ = wait_for(lambda: swarm.discovered().get(rogue_addr), 10)
+        imposter = wait_for(lambda: swarm.discovered().get(rogue_addr), 10, "rogue discovered")
         assert imposter["id"] == rogue_id
         assert imposter["status"].startswith("identity mismatch")
         assert imposter["listed_as"] is None
@@ -134,12 +125,12 @@ def test_discovery_shows_pins_and_the_policy_decides(lan: netns.Lan, models_dir:
             return {c["target"]: c["reason"] for c in swarm.dry_run()["candidates"]
                     if c["kind"] == "discovered"}
 
-        spoofed, _ = wait_for(lambda: rejected().get(f"n1-spoof ({n1_id})"), 10)
+        spoofed = wait_for(lambda: rejected().get(f"n1-spoof ({n1_id})"), 10, "spoof rejected")
         assert spoofed.startswith("identity mismatch: announces the id of 'n1'")
 
         swarm.node("stranger", "mini", tmp_path / "s")
         stranger_id = load_or_create(tmp_path / "s", "mini").id
-        wait_for(lambda: swarm.discovered().get(stranger_addr), 10)
+        wait_for(lambda: swarm.discovered().get(stranger_addr), 10, "stranger discovered")
         text = run_myco("nodes", "--gateway", swarm.gateway.url).stdout
         assert "identity mismatch" in text and rogue_id in text and stranger_id in text
 
@@ -177,8 +168,9 @@ def test_discovery_shows_pins_and_the_policy_decides(lan: netns.Lan, models_dir:
 
         # A clean stop says goodbye: gone at once, not after a TTL.
         assert n1.stop() == 0, n1.output
-        _, gone = wait_for(lambda: n1_addr not in swarm.discovered(), 5)
-        print(f"n1 gone {gone * 1000:.0f} ms after it stopped")
+        stopped = time.monotonic()
+        wait_for(lambda: n1_addr not in swarm.discovered(), 5, "n1 gone from discovery")
+        print(f"n1 gone {(time.monotonic() - stopped) * 1000:.0f} ms after it stopped")
         assert not swarm.dry_run()["allowed"]
     finally:
         swarm.close()
@@ -200,11 +192,11 @@ def test_an_unpaired_gateway_is_refused_by_the_node(lan: netns.Lan, models_dir: 
             nodes = httpx.get(swarm.gateway.url + "/v1/swarm", timeout=2).json()["nodes"]
             return str(nodes[0]["reason"]) if "refused" in nodes[0]["reason"] else ""
 
-        reason, _ = wait_for(refused, 10)
+        reason = wait_for(refused, 10, "the node's refusal reported")
         assert "myco node allow" in reason
         # Pairing on the node takes effect while it runs.
         pairing.add(n1_state, swarm.identity.id, swarm.identity.pem(), "now")
-        wait_for(lambda: swarm.dry_run()["allowed"], 10)
+        wait_for(lambda: swarm.dry_run()["allowed"], 10, "n1 eligible once paired")
     finally:
         swarm.close()
 
@@ -240,7 +232,7 @@ def test_requests_in_flight_to_a_dying_node_end_and_the_swarm_goes_on(
     try:
         n1 = swarm.node("n1", "n1", s1)
         swarm.node("n2", "n2", s2)
-        wait_for(lambda: swarm.dry_run()["candidates"][1]["eligible"], 15)
+        wait_for(lambda: swarm.dry_run()["candidates"][1]["eligible"], 15, "n2 eligible")
         assert ask() == "n1"
 
         # The node process dies (its runner with it): the stream ends at once, with an error.
@@ -250,7 +242,7 @@ def test_requests_in_flight_to_a_dying_node_end_and_the_swarm_goes_on(
 
         # It comes back: discovered, checked, routed to again.
         n1 = swarm.node("n1", "n1", s1)
-        wait_for(lambda: swarm.dry_run()["target"] == "n1", 15)
+        wait_for(lambda: swarm.dry_run()["target"] == "n1", 15, "n1 back as the target")
         assert ask() == "n1"
 
         # Its link goes down: no reset ever arrives, the health check ends the stream.

@@ -35,6 +35,8 @@ import pytest
 
 from tests.conftest import PolicyFactory
 
+pytestmark = pytest.mark.slow  # listeners on 21 addresses x 8 ports, and hostile traffic
+
 ALLOWED = "pub-model"
 DENIED = "secret-*"  # the policy's deny rule
 TIMEOUT = 10.0

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,11 @@ import pytest
 
 from myco.identity import Identity, load_or_create
 from myco.tls import certificate_id, client_context, single_certificate
-from nodeagent import rpc
+from nodeagent.lending import rpc
 from tests.conftest import paired_state
-from tests.procs import ROOT, Proc, myco, run_myco
+from tests.procs import ROOT, Proc, myco, run_myco, wait_for
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]  # peers as processes: ~15 s
 TENSOR = 16 * 1024  # four fit in the node's 64K weight cache
 
 
@@ -156,7 +156,7 @@ def lease(node: Proc, tls: ssl.SSLContext, head: Identity, pem: str = "") -> htt
 
 
 class Rpc:
-    """ggml's RPC protocol (nodeagent/rpc.py), as a head speaks it through the tunnel exit."""
+    """ggml's RPC protocol (nodeagent/lending/rpc.py), as a head speaks it through the exit."""
 
     TENSOR = struct.Struct("<QIQ4I4II16ii10QQQQ64si")  # rpc_tensor, packed
 
@@ -212,13 +212,6 @@ def fnv1a(data: bytes) -> int:
     for byte in data:
         value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return value
-
-
-def until(check: Callable[[], Any], timeout: float = 5) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
 
 
 def test_the_attackers_certificate_reaches_no_listener_of_the_node(
@@ -282,16 +275,16 @@ def test_the_weight_cache_stays_under_its_limit_least_recently_used_out_first(
         tensor = client.tensor(*client.buffer(TENSOR), TENSOR)
         for i in range(4):
             client.set_tensor(tensor, data[i])
-        assert until(lambda: cached() == {0, 1, 2, 3}), cached()
+        wait_for(lambda: cached() == {0, 1, 2, 3}, 5, lambda: f"cached: {cached()}")
         assert client.set_tensor_hash(tensor, data[0])  # a hit: tensor 0 was used last
         for i in (4, 5):
             client.set_tensor(tensor, data[i])
-        assert until(lambda: cached() == {0, 3, 4, 5}), cached()
+        wait_for(lambda: cached() == {0, 3, 4, 5}, 5, lambda: f"cached: {cached()}")
         started = time.monotonic()
         for i in range(6, 64):  # as fast as the worker takes them
             client.set_tensor(tensor, data[i])
         flood = time.monotonic() - started
-        assert until(lambda: cached() == {60, 61, 62, 63}), cached()
+        wait_for(lambda: cached() == {60, 61, 62, 63}, 5, lambda: f"cached: {cached()}")
         total = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
         print(f"{58 * TENSOR} bytes sent in {flood:.2f} s; {total} bytes cached")
         assert total <= 64 * 1024

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.procs import ROOT, Proc, run_myco
+from tests.procs import ROOT, Proc, run_myco_here
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
@@ -36,7 +36,7 @@ def test_policy_example_passes_check(tmp_path: object) -> None:
     path = ROOT / ".pytest-readme-policy.toml"
     path.write_text(toml)
     try:
-        result = run_myco("policy", "check", str(path))
+        result = run_myco_here("policy", "check", str(path))
     finally:
         path.unlink()
     assert result.returncode == 0, result.stderr

@@ -20,14 +20,14 @@ import openai
 import pytest
 
 from bench.split_swarm import limits
-from gateway.placement import Plan, SplitNode, place
+from gateway.placement import Plan, Refusal, SplitNode, place
 from myco.identity import load_or_create
 from myco.protocol import Device, ModelShape
-from nodeagent import rpc
+from nodeagent.lending import rpc
 from tests import netns
 from tests.conftest import MODEL_ID
-from tests.procs import Proc
-from tests.test_discovery import Swarm, node_state, wait_for
+from tests.procs import Proc, wait_for
+from tests.test_discovery import Swarm, node_state
 
 why_not = netns.available()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
@@ -82,7 +82,10 @@ def test_split_inference_across_hosts(lan: netns.Lan, models_dir: Path, tmp_path
         assert isinstance(plans["one"], Plan) and plans["one"].workers == ("wa",)
         # Workers register slowest (least memory) first: the last holds the output.
         assert isinstance(plans["two"], Plan) and plans["two"].workers == ("wc", "wb")
-        assert not isinstance(plans["none"], Plan)
+        alone = plans["none"]
+        assert isinstance(alone, Refusal) and [r.node for r in alone.reasons] == ["head"]
+        assert alone.reasons[0].reason == "as head: does not fit alone " \
+            f"({budget['head'] / 2**20:.0f} MiB lent), and no worker can join it"
 
         def clients(key: str) -> openai.OpenAI:
             return openai.OpenAI(base_url=swarm.gateway.url + "/v1", api_key=key,
@@ -92,7 +95,7 @@ def test_split_inference_across_hosts(lan: netns.Lan, models_dir: Path, tmp_path
             nodes = httpx.get(swarm.gateway.url + "/health", timeout=2).json()["nodes"]
             return all(nodes.values())
 
-        wait_for(health, 30)
+        wait_for(health, 30, "every node healthy")
         dry = httpx.post(swarm.gateway.url + "/v1/policy/dry-run", timeout=5,
                          headers={"authorization": "Bearer one"},
                          json={"model": MODEL_ID}).json()
@@ -114,12 +117,19 @@ def test_split_inference_across_hosts(lan: netns.Lan, models_dir: Path, tmp_path
             head = httpx.get(procs["head"].url + "/node/info", verify=swarm.tls).json()
             return text, head["splits"][MODEL_ID]
 
+        def loaded(split: dict[str, Any]) -> list[tuple[str, list[int]]]:
+            return [(d["name"], d["layers"]) for d in split["record"]["devices"]]
+
+        def planned(plan: Plan | Refusal) -> list[tuple[str, list[int]]]:
+            assert isinstance(plan, Plan)
+            return [("CPU" if i == 0 else f"RPC{i - 1}", list(range(d.first, d.first + d.count)))
+                    for i, d in enumerate(plan.devices)]
+
         one, split_one = ask("one")
-        layers = {d["name"]: d for d in split_one["record"]["devices"]}
-        assert layers["RPC0"]["layers"] and [w["node"] for w in split_one["workers"]] == ["wa"]
+        assert loaded(split_one) == planned(plans["one"])  # the head's CPU, then wa's
+        assert [w["node"] for w in split_one["workers"]] == ["wa"]
         two, split_two = ask("two")
-        layers = {d["name"]: d for d in split_two["record"]["devices"]}
-        assert layers["RPC0"]["layers"] and layers["RPC1"]["layers"]
+        assert loaded(split_two) == planned(plans["two"])
         assert [w["node"] for w in split_two["workers"]] == ["wc", "wb"]
         print(f"1 worker: {one!r}; 2 workers: {two!r}")
         assert one == two  # greedy, token-identical across split topologies

@@ -18,6 +18,9 @@ from myco.identity import Identity, load_or_create
 from nodeagent import pairing
 from tests.procs import run_myco
 
+# Each case starts a real `myco` process (about 0.6 s each): not in the fast tier.
+pytestmark = pytest.mark.slow
+
 POLICY = """\
 # My swarm: comments, blank lines and order are mine.
 [nodes.local]   # this machine

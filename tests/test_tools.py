@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, check_answer
 from tests.procs import Proc
 
 WEATHER = {"type": "object", "properties": {
@@ -69,18 +69,19 @@ def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS,
                                            tool_choice="none", max_tokens=12, temperature=0)
     assert reply.choices[0].message.tool_calls is None
-    assert isinstance(reply.choices[0].message.content, str)
+    check_answer(reply, 12)
 
 
 def test_auto_never_leaks_a_call_into_content(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS,
                                            max_tokens=64, temperature=0)
     message = reply.choices[0].message
+    assert "<tool_call>" not in (message.content or "")
     if message.tool_calls:
         check_calls(message)
         assert reply.choices[0].finish_reason == "tool_calls"
     else:
-        assert "<tool_call>" not in (message.content or "")
+        check_answer(reply, 64)
 
 
 def test_json_schema_output(client: openai.OpenAI) -> None:
@@ -97,9 +98,29 @@ def test_json_schema_output(client: openai.OpenAI) -> None:
 def test_json_object_output(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=48,
                                            temperature=0, response_format={"type": "json_object"})
-    assert reply.choices[0].finish_reason in ("stop", "length")
+    text = check_answer(reply, 48)
     if reply.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+        assert type(json.loads(text)) is dict
+    else:  # a 270M model rarely closes its object: what came is JSON, cut short
+        assert text.startswith("{") and json_prefix(text), text
+
+
+def json_prefix(text: str) -> bool:
+    """Whether `text` is the beginning of a JSON document: parsing fails only at its end."""
+    for tail in ("", '"'):  # (an unclosed string is reported where it starts)
+        try:
+            json.loads(text + tail)
+        except json.JSONDecodeError as error:
+            if error.pos == len(text + tail):
+                return True
+        else:
+            return True
+    return False
+
+
+def test_json_prefix() -> None:
+    assert json_prefix('{\n  "city": "Par') and json_prefix('{"a": [1, 2') and json_prefix("{")
+    assert not json_prefix('{"a": 1}}') and not json_prefix("Paris {")
 
 
 def test_streamed_tool_calls_reassemble_into_the_whole_answer(client: openai.OpenAI) -> None:
@@ -131,7 +152,8 @@ def test_follow_up_turn_with_tool_result(client: openai.OpenAI) -> None:
                      {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 18}'}]
     reply = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=TOOLS,
                                            tool_choice="none", max_tokens=16, temperature=0)
-    assert isinstance(reply.choices[0].message.content, str)
+    assert reply.choices[0].message.tool_calls is None
+    check_answer(reply, 16)
 
 
 @pytest.mark.parametrize(("extra", "param"), [

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import pytest
 
 from myco.tls import certificate_id
 from tests.conftest import MODEL_ID
-from tests.procs import ROOT, Proc, run_myco
+from tests.procs import ROOT, Proc, run_myco, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # `myco up` and its children
 
 
 def free_port() -> int:
@@ -64,13 +63,10 @@ class Up:
         self.proc.stop(signal.SIGKILL)
         return self.proc.output
 
-    def stopped(self, timeout: float = 20) -> bool:
-        """Whether both children exited and both ports are free again."""
-        deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in self.children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return not any(_alive(p) for p in self.children) and \
-            not _listening(self.port) and not _listening(self.node_port)
+    def wait_stopped(self, timeout: float = 20) -> None:
+        """Until both children exited and both ports are free again."""
+        wait_for(lambda: not any(_alive(p) for p in self.children) and not _listening(self.port)
+                 and not _listening(self.node_port), timeout, "the gateway and node stopped")
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -109,13 +105,13 @@ def test_a_killed_up_takes_its_gateway_and_node_along(up: Up) -> None:
     assert "Traceback" not in again.stderr + beside.stderr
 
     up.end(signal.SIGKILL)  # nothing of `myco up` runs to clean up
-    assert up.stopped()
+    up.wait_stopped()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_sigterm_and_sighup_stop_the_gateway_and_node(up: Up, sig: signal.Signals) -> None:
     assert up.end(sig) == 0
-    assert up.stopped(timeout=1)
+    up.wait_stopped(timeout=1)
     output = up.close()
     assert "myco: stopping" in output and "Traceback" not in output
 
@@ -128,7 +124,7 @@ def test_ctrl_c_stops_both_and_the_base_url_serves_the_model(tmp_path: Path,
     assert [m["id"] for m in models["data"]] == [MODEL_ID]
     try:
         assert started.end(signal.SIGINT) == 0
-        assert started.stopped(timeout=1)
+        started.wait_stopped(timeout=1)
     finally:
         output = started.close()
     assert "myco: stopping" in output and "Traceback" not in output

@@ -168,7 +168,9 @@ def chat_stream(llm: Any, prep: Prepared, body: ChatRequest,
     parser, reason, generated = tools.CallParser(prep.mode), None, 0
     for piece in llm.create_completion(stream=True, **_completion_args(prep, body, stop)):
         choice = piece["choices"][0]
-        generated += 1
+        # One piece per token, then a closing piece that carries the finish reason: not a token
+        # unless it still holds text.
+        generated += choice["finish_reason"] is None or bool(choice["text"])
         reason = choice["finish_reason"] or reason
         for event in parser.feed(choice["text"]):
             if event.kind == "content":

@@ -24,27 +24,26 @@ import pytest
 
 from myco.identity import Identity
 from tests.conftest import PolicyFactory
-from tests.procs import Proc, fake_upstream, myco
+from tests.procs import Proc, myco, stop_all
 from tests.rawserver import RawServer
 
 LIMIT = 4096
 
 
 class Upstream(RawServer):
-    """A raw upstream: `answer(conn)` after reading the request; notes when its peer is gone
-    (a send fails, or a read sees the end)."""
+    """A raw upstream that answers a request for /NAME/v1/... with the function NAME (of
+    `ANSWERS`); `peer_gone[NAME]` is set when its peer goes (a send fails, a read sees the end)."""
 
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
-        self.peer_gone = threading.Event()
-        self.answer = answer
+    def __init__(self) -> None:
+        self.peer_gone = {name: threading.Event() for name in ANSWERS}
         super().__init__(self._connection)
 
     def _connection(self, conn: socket.socket) -> None:
-        conn.recv(65536)
+        name = conn.recv(65536).split(b"/", 2)[1].decode()  # b"POST /NAME/v1/..."
         try:
-            self.answer(conn)
+            ANSWERS[name](conn)
         except OSError:
-            self.peer_gone.set()
+            self.peer_gone[name].set()
 
 
 def content_length_body(conn: socket.socket) -> None:
@@ -79,73 +78,62 @@ def slow_answer(conn: socket.socket) -> None:
     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
 
 
-@pytest.fixture
-def upstream(start_gateway: PolicyFactory) -> Iterator[Callable[..., tuple[Upstream, Proc]]]:
-    servers: list[Upstream] = []
-
-    def start(answer: Callable[[socket.socket], None]) -> tuple[Upstream, Proc]:
-        servers.append(Upstream(answer))
-        gw = start_gateway(f"""
-[upstreams.up]
-url = "http://127.0.0.1:{servers[-1].port}/v1"
-cloud = false
-[[routes]]
-forward = ["up"]
-""", env={"MYCO_GATEWAY_MAX_RESPONSE_BYTES": str(LIMIT)})
-        return servers[-1], gw
-
-    yield start
-    for server in servers:
-        server.close()
+ANSWERS: dict[str, Callable[[socket.socket], None]] = {
+    f.__name__: f for f in (content_length_body, chunked_body, long_stream, slow_answer)}
 
 
-@pytest.mark.parametrize("answer", [content_length_body, chunked_body])
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(upstream: Upstream, start_gateway: PolicyFactory) -> Proc:
+    """A gateway with the answer limit, routing model NAME to upstream NAME: /NAME/v1; any
+    other model to `listed`, which serves only m1 (and is never asked: the rest is a 404)."""
+    return start_gateway("".join(
+        f'[upstreams.{name}]\nurl = "http://127.0.0.1:{upstream.port}/{name}/v1"\n'
+        f'cloud = false\n[[routes]]\nmatch = {{ model = "{name}" }}\nforward = ["{name}"]\n'
+        for name in ANSWERS) + f'[upstreams.listed]\nurl = "http://127.0.0.1:{upstream.port}/v1"'
+        '\ncloud = false\nmodels = ["m1"]\n[[routes]]\nforward = ["listed"]\n',
+        env={"MYCO_GATEWAY_MAX_RESPONSE_BYTES": str(LIMIT)})
+
+
+@pytest.mark.parametrize("answer", ["content_length_body", "chunked_body"])
 def test_an_answer_over_the_limit_is_a_502_and_the_connection_is_closed(
-        upstream: Callable[..., tuple[Upstream, Proc]],
-        answer: Callable[[socket.socket], None]) -> None:
-    server, gw = upstream(answer)
-    response = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m"}, timeout=10)
+        upstream: Upstream, gw: Proc, answer: str) -> None:
+    response = httpx.post(gw.url + "/v1/chat/completions", json={"model": answer}, timeout=10)
     assert response.status_code == 502
     assert response.json()["error"]["message"] == (
-        f"every target failed: up: answer larger than {LIMIT} bytes (the limit for an answer "
-        "that is not streamed)")
-    assert server.peer_gone.wait(5), "the gateway kept reading the oversized answer"
+        f"every target failed: {answer}: answer larger than {LIMIT} bytes (the limit for an "
+        "answer that is not streamed)")
+    assert upstream.peer_gone[answer].wait(5), "the gateway kept reading the oversized answer"
 
 
-def test_a_stream_over_the_limit_passes_unbuffered(
-        upstream: Callable[..., tuple[Upstream, Proc]]) -> None:
-    _, gw = upstream(long_stream)
+def test_a_stream_over_the_limit_passes_unbuffered(gw: Proc) -> None:
     with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "m", "stream": True}) as response:
+                      json={"model": "long_stream", "stream": True}) as response:
         assert response.status_code == 200
         body = b"".join(response.iter_raw())
     assert len(body) > 8 * LIMIT and body.count(b"data: ") == 64
 
 
-def test_a_client_that_leaves_closes_the_pending_upstream_request(
-        upstream: Callable[..., tuple[Upstream, Proc]]) -> None:
-    server, gw = upstream(slow_answer)
+def test_a_client_that_leaves_closes_the_pending_upstream_request(upstream: Upstream,
+                                                                 gw: Proc) -> None:
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gw.url + "/v1/chat/completions", json={"model": "m"}, timeout=0.5)
+        httpx.post(gw.url + "/v1/chat/completions", json={"model": "slow_answer"}, timeout=0.5)
     left = time.monotonic()
-    assert server.peer_gone.wait(5), "the gateway kept waiting for an answer nobody reads"
+    assert upstream.peer_gone["slow_answer"].wait(5), \
+        "the gateway kept waiting for an answer nobody reads"
     assert time.monotonic() - left < 2
     entry = json.loads(gw.audit_path.read_text().splitlines()[-1])  # type: ignore[attr-defined]
     assert entry["status"] == 499 and "went away" in entry["reason"]
-    assert entry["attempts"] == [{"target": "up", "outcome": "abandoned"}]
+    assert entry["attempts"] == [{"target": "slow_answer", "outcome": "abandoned"}]
 
 
-@pytest.fixture(scope="module")
-def listed() -> Iterator[Proc]:
-    proc = fake_upstream("listed", "m1")
-    yield proc
-    proc.stop()
-
-
-def test_a_huge_model_name_is_not_echoed_nor_logged(listed: Proc,
-                                                    start_gateway: PolicyFactory) -> None:
-    gw = start_gateway(f'[upstreams.up]\nurl = "{listed.url}/v1"\ncloud = false\n'
-                       'models = ["m1"]\n[[routes]]\nforward = ["up"]\n')
+def test_a_huge_model_name_is_not_echoed_nor_logged(gw: Proc) -> None:
     audit: Path = gw.audit_path  # type: ignore[attr-defined]
     model = "m" * (4 * 1024 * 1024)
     before = audit.stat().st_size if audit.exists() else 0
@@ -165,12 +153,14 @@ def test_the_audit_log_is_private(tmp_path: Path, gateway_identity: Identity) ->
     fresh, existing = tmp_path / "new" / "audit.jsonl", tmp_path / "audit.jsonl"
     existing.write_text("")
     os.chmod(existing, 0o644)  # as every earlier version created it
-    for path in (fresh, existing):
-        gw = myco("gateway", "--policy", str(policy), "--port", "0", "--audit-log", str(path),
-                  "--state-dir", str(Path(gateway_identity.cert_path).parent))
-        try:
+    gateways = [myco("gateway", "--policy", str(policy), "--port", "0", "--audit-log",
+                     str(path), "--state-dir", str(Path(gateway_identity.cert_path).parent))
+                for path in (fresh, existing)]
+    try:
+        for gw in gateways:
             httpx.post(gw.url + "/v1/chat/completions", json={"model": "m"})
-        finally:
-            gw.stop()
+    finally:
+        stop_all(gateways)
+    for path in (fresh, existing):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert path.read_text().count("\n") == 1

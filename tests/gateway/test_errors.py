@@ -78,9 +78,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("body", "status", "kind", "param", "fragment"), CASES)
-def test_bad_input_gets_openai_error(gw: Proc, body: bytes, status: int, kind: str,
-                                     param: str | None, fragment: str) -> None:
-    response = httpx.post(gw.url + "/v1/chat/completions", content=body,
+def test_bad_input_gets_openai_error(gw: Proc, http: httpx.Client, body: bytes, status: int,
+                                     kind: str, param: str | None, fragment: str) -> None:
+    response = http.post(gw.url + "/v1/chat/completions", content=body,
                           headers={"content-type": "application/json"}, timeout=10)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -89,7 +89,7 @@ def test_bad_input_gets_openai_error(gw: Proc, body: bytes, status: int, kind: s
     assert fragment in error["message"]
     assert "x-myco-node" in response.headers and "x-myco-rule" in response.headers
     # ... and the gateway still serves a good request afterwards.
-    ok = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m1"}, timeout=10)
+    ok = http.post(gw.url + "/v1/chat/completions", json={"model": "m1"}, timeout=10)
     assert ok.status_code == 200 and ok.headers["x-myco-node"] == "good"
 
 

@@ -162,7 +162,11 @@ def test_gemma_with_tiny_memory_over_two_workers() -> None:
     assert isinstance(plan, Plan) and plan.workers == ("b", "a")
     assert (plan.n_gpu_layers, plan.tensor_split) == (17, (6.0, 11.0))
     alone = place(GEMMA, nodes[:2], compute_bytes=GEMMA_COMPUTE)
-    assert isinstance(alone, Refusal)
+    assert isinstance(alone, Refusal)  # 8 MiB short: b's 100 MiB made the difference
+    assert alone.message == "no placement for the model (about 958 MiB in all): " \
+        "a: does not hold the model file, so cannot be the head; as worker: its 750 MiB are " \
+        "not enough with the others; head: as head: does not fit alone (200 MiB lent) nor " \
+        "with workers a (950 MiB in all)"
 
 
 def test_estimate_spreads_the_file_over_input_layers_and_output() -> None:

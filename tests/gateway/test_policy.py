@@ -8,7 +8,7 @@ import pytest
 
 from gateway.policy import PolicyError, load, parse
 from myco.identity import id_of
-from tests.procs import ROOT, run_myco
+from tests.procs import ROOT, run_myco, run_myco_here
 
 GOOD = """\
 [nodes.ws]
@@ -94,7 +94,7 @@ def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "policies").rglob("*.toml")))
 def test_shipped_policies_pass_check(path: str) -> None:
-    result = run_myco("policy", "check", path)
+    result = run_myco_here("policy", "check", path)
     assert result.returncode == 0, result.stderr
     assert "ok (" in result.stdout
 
@@ -102,7 +102,7 @@ def test_shipped_policies_pass_check(path: str) -> None:
 def test_check_refuses_unlisted_target_with_exit_status(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(GOOD.replace('forward = ["ws", "lan"]', 'forward = ["ws", "10.9.9.9:80"]'))
-    result = run_myco("policy", "check", str(bad))
+    result = run_myco_here("policy", "check", str(bad))
     assert result.returncode == 2
     assert f"{bad}:10: routes[0].forward: '10.9.9.9:80' is not a listed node or upstream" \
         in result.stderr

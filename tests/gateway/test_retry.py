@@ -19,12 +19,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from myco.identity import Identity
 from tests.conftest import PolicyFactory
-from tests.procs import Proc, fake_upstream
+from tests.procs import Proc, fake_upstream, wait_for_async
 from tests.rawserver import RawServer
+
+pytestmark = pytest.mark.slow  # each case its own gateway and targets, killed or frozen
 
 
 def audit(gw: Proc, n: int) -> list[dict[str, Any]]:
@@ -45,13 +48,20 @@ forward = ["a", "b"]
 """
 
 
-async def in_flight(url: str, n: int, body: dict[str, Any],
-                    meanwhile: Callable[[], None], after: float) -> list[httpx.Response]:
-    """`n` concurrent requests; `meanwhile` runs `after` seconds in, while they are pending."""
+def connections(proc: Proc, to: Proc) -> int:
+    """How many TCP connections `proc` has open to `to`."""
+    port = int(to.address.rsplit(":", 1)[1])
+    return sum(c.status == psutil.CONN_ESTABLISHED and bool(c.raddr) and c.raddr.port == port
+               for c in psutil.Process(proc.popen.pid).net_connections("tcp"))
+
+
+async def in_flight(url: str, n: int, body: dict[str, Any], meanwhile: Callable[[], None],
+                    ready: Callable[[], bool]) -> list[httpx.Response]:
+    """`n` concurrent requests; `meanwhile` runs once `ready()`, while they are pending."""
     async with httpx.AsyncClient(base_url=url, timeout=20) as client:
         jobs = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
                 for _ in range(n)]
-        await asyncio.sleep(after)
+        await wait_for_async(ready, 5, f"{n} requests on their way")
         assert not any(job.done() for job in jobs), "answered before the fault"
         meanwhile()
         return list(await asyncio.gather(*jobs))
@@ -78,8 +88,8 @@ def test_six_in_flight_to_a_node_that_dies_or_freezes_are_answered_by_the_next(
                                              "MYCO_GATEWAY_HEALTH_TIMEOUT": "0.3"})
     body = {"model": "m", "fake_delay": 1.0}
     started = time.monotonic()
-    answers = asyncio.run(in_flight(gw.url, 6, body,
-                                    lambda: os.kill(a.popen.pid, fault), after=0.5))
+    answers = asyncio.run(in_flight(gw.url, 6, body, lambda: os.kill(a.popen.pid, fault),
+                                    ready=lambda: connections(gw, a) >= 6))
     assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
     assert {r.json()["choices"][0]["message"]["content"] for r in answers} == {"hello from b"}
     assert {r.headers["x-myco-node"] for r in answers} == {"b"}

@@ -15,19 +15,19 @@ import pytest
 
 from myco.identity import Identity
 from tests.conftest import PolicyFactory
-from tests.procs import Proc, fake_upstream
+from tests.procs import Proc, fake_upstream, start_together, stop_all
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 
 @pytest.fixture(scope="module")
 def fakes(gateway_identity: Identity) -> Iterator[dict[str, Proc]]:
-    procs = {"a": fake_upstream("a", "m1", "m2", node_for=gateway_identity),
-             "b": fake_upstream("b", "m2", "m3", node_for=gateway_identity),
-             "up": fake_upstream("up", "up-model")}
+    procs = dict(zip(["a", "b", "up"], start_together(
+        lambda: fake_upstream("a", "m1", "m2", node_for=gateway_identity),
+        lambda: fake_upstream("b", "m2", "m3", node_for=gateway_identity),
+        lambda: fake_upstream("up", "up-model")), strict=True))
     yield procs
-    for proc in procs.values():
-        proc.stop()
+    stop_all(list(procs.values()))
 
 
 def listing(fakes: dict[str, Proc]) -> str:
@@ -104,21 +104,23 @@ KEYS = {"ALICE_KEY": "key-a", "BOB_KEY": "key-b"}
 
 @pytest.fixture(scope="module")
 def gateways(fakes: dict[str, Proc], start_gateway: PolicyFactory) -> dict[str, Proc]:
-    return {name: start_gateway(listing(fakes) + routes, env=KEYS)
-            for name, routes in ROUTES.items()}
+    return dict(zip(ROUTES, start_together(*(
+        lambda routes=routes: start_gateway(listing(fakes) + routes, env=KEYS)
+        for routes in ROUTES.values())), strict=True))
 
 
 @pytest.mark.parametrize(("policy", "endpoint", "model", "tools", "client"), REQUESTS)
-def test_dry_run_and_real_routing_agree(gateways: dict[str, Proc], policy: str, endpoint: str,
-                                        model: str, tools: bool, client: str) -> None:
+def test_dry_run_and_real_routing_agree(gateways: dict[str, Proc], http: httpx.Client,
+                                        policy: str, endpoint: str, model: str, tools: bool,
+                                        client: str) -> None:
     url = gateways[policy].url
     headers = {"authorization": f"Bearer key-{client[0]}"}
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     if tools:
         body["tools"] = TOOLS
-    dry = httpx.post(url + "/v1/policy/dry-run", json={**body, "endpoint": endpoint},
-                     headers=headers).json()
-    real = httpx.post(url + PATHS[endpoint], json=body, headers=headers)
+    dry = http.post(url + "/v1/policy/dry-run", json={**body, "endpoint": endpoint},
+                    headers=headers).json()
+    real = http.post(url + PATHS[endpoint], json=body, headers=headers)
     assert real.status_code == dry["status"], (dry, real.text)
     assert real.headers["x-myco-rule"] == dry["rule_name"]
     if dry["allowed"]:

@@ -18,7 +18,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from gateway.resolve import NodeView, RoutingRequest, resolve
 from myco.identity import Identity, load_or_create
 from myco.tls import server_context
 from tests.conftest import PolicyFactory
-from tests.procs import Proc, fake_upstream
+from tests.procs import Proc, fake_upstream, start_together, stop_all
 from tests.rawserver import RawServer
 
 JSON = {"content-type": "application/json"}
@@ -55,13 +55,17 @@ def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
     return head, body
 
 
-class Recorder(RawServer):
-    """An upstream that keeps every request body it receives and answers `answer`."""
+def answer(content_type: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\n%scontent-length: %d\r\n\r\n%s" % (
+        content_type, headers, len(body), body)
 
-    def __init__(self, answer: bytes | None = None) -> None:
+
+class Recorder(RawServer):
+    """An upstream that keeps every request body it receives, and answers a request for
+    /NAME/v1/... with `ANSWERS[NAME]`."""
+
+    def __init__(self) -> None:
         self.bodies: list[bytes] = []
-        self.answer = answer or (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(OK), OK))
         super().__init__(self._connection)
 
     def _connection(self, conn: socket.socket) -> None:
@@ -70,25 +74,34 @@ class Recorder(RawServer):
             if not head:
                 return
             self.bodies.append(body)
-            conn.sendall(self.answer)
+            conn.sendall(ANSWERS[head.split(b"/", 2)[1].decode()])
 
 
-@pytest.fixture
-def recorder() -> Iterator[Callable[..., Recorder]]:
-    servers: list[Recorder] = []
-
-    def start(answer: bytes | None = None) -> Recorder:
-        servers.append(Recorder(answer))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+@pytest.fixture(scope="module")
+def rec() -> Iterator[Recorder]:
+    server = Recorder()
+    yield server
+    server.close()
 
 
-def upstream(name: str, port: int, models: str = "") -> str:
-    listed = f"models = [{models}]\n" if models else ""
-    return f'[upstreams.{name}]\nurl = "http://127.0.0.1:{port}/v1"\ncloud = false\n{listed}'
+@pytest.fixture(scope="module")
+def rec_gw(rec: Recorder, start_gateway: PolicyFactory) -> Proc:
+    """Upstream NAME is the recorder's /NAME/v1 (of `ANSWERS`)."""
+    return start_gateway("".join(
+        f'[upstreams.{name}]\nurl = "http://127.0.0.1:{rec.port}/{name}/v1"\ncloud = false\n'
+        for name in ANSWERS) + """
+[[routes]]
+match = { model = "secret-*" }
+deny = "secrets stay home"
+[[routes]]
+match = { model = "hostile" }
+forward = ["hostile"]
+[[routes]]
+match = { model = "hostile_stream" }
+forward = ["hostile_stream"]
+[[routes]]
+forward = ["ok"]
+""")
 
 
 def keys_of(body: bytes) -> list[tuple[str, Any]]:
@@ -106,37 +119,25 @@ def keys_of(body: bytes) -> list[tuple[str, Any]]:
 # --- two `model` keys ---------------------------------------------------------------------
 
 
-def test_the_target_reads_the_model_the_policy_resolved(
-        recorder: Callable[..., Recorder], start_gateway: PolicyFactory) -> None:
-    rec = recorder()
-    gw = start_gateway(upstream("rec", rec.port) + """
-[[routes]]
-match = { model = "secret-*" }
-deny = "secrets stay home"
-[[routes]]
-match = { model = "m1" }
-forward = ["rec"]
-""")
+def test_the_target_reads_the_model_the_policy_resolved(rec: Recorder, rec_gw: Proc) -> None:
     # The last key routes; a target that reads the first would run secret-plans.
     smuggled = b'{"model": "secret-plans", "messages": [], "model": "m1"}'
-    response = httpx.post(gw.url + "/v1/chat/completions", content=smuggled, headers=JSON)
+    response = httpx.post(rec_gw.url + "/v1/chat/completions", content=smuggled, headers=JSON)
     assert response.status_code == 200, response.text
     assert sorted(keys_of(rec.bodies[-1])) == [("messages", []), ("model", "m1")]
     # The other order is the policy's to refuse, and nothing is sent.
-    denied = httpx.post(gw.url + "/v1/chat/completions",
+    sent = len(rec.bodies)
+    denied = httpx.post(rec_gw.url + "/v1/chat/completions",
                         content=b'{"model": "m1", "model": "secret-plans"}', headers=JSON)
     assert denied.status_code == 403
-    assert len(rec.bodies) == 1
+    assert len(rec.bodies) == sent
 
 
-def test_values_are_forwarded_byte_for_byte(recorder: Callable[..., Recorder],
-                                            start_gateway: PolicyFactory) -> None:
-    rec = recorder()
-    gw = start_gateway(upstream("rec", rec.port) + '[[routes]]\nforward = ["rec"]\n')
+def test_values_are_forwarded_byte_for_byte(rec: Recorder, rec_gw: Proc) -> None:
     messages = b'[ {"role" : "user", "content": "1e999 \\u00e9 \\ud83d\\ude00"} ]'
     body = b'{"model":"m","temperature":1.000000000000000001,"n":18446744073709551616,' \
            b'"messages":' + messages + b'}'
-    response = httpx.post(gw.url + "/v1/chat/completions", content=body, headers=JSON)
+    response = httpx.post(rec_gw.url + "/v1/chat/completions", content=body, headers=JSON)
     assert response.status_code == 200
     assert rec.bodies[-1] == body
 
@@ -156,10 +157,10 @@ FUNCTION = {"name": "f", "parameters": {"type": "object", "properties": {}}}
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, Proc]]:
-    procs = {"local": fake_upstream("local", "m1"), "cloud": fake_upstream("cloud", "m1")}
+    procs = dict(zip(("local", "cloud"), start_together(
+        lambda: fake_upstream("local", "m1"), lambda: fake_upstream("cloud", "m1")), strict=True))
     yield procs
-    for proc in procs.values():
-        proc.stop()
+    stop_all(list(procs.values()))
 
 
 def fake_upstreams(fakes: dict[str, Proc]) -> str:
@@ -192,14 +193,14 @@ forward = ["cloud"]
     ({"functions": []}, "cloud"),
     ({}, "cloud"),
 ])
-def test_legacy_functions_count_as_tools(tools_gw: Proc, extra: dict[str, Any],
-                                         target: str) -> None:
+def test_legacy_functions_count_as_tools(tools_gw: Proc, http: httpx.Client,
+                                         extra: dict[str, Any], target: str) -> None:
     gw = tools_gw
     body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], **extra}
-    response = httpx.post(gw.url + "/v1/chat/completions", json=body)
+    response = http.post(gw.url + "/v1/chat/completions", json=body)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == f"hello from {target}"
-    dry = httpx.post(gw.url + "/v1/policy/dry-run", json=body).json()
+    dry = http.post(gw.url + "/v1/policy/dry-run", json=body).json()
     assert dry["target"] == target and dry["request"]["has_tools"] == (target == "local")
 
 
@@ -211,8 +212,9 @@ SPELLINGS = ["secret-plans", "SECRET-PLANS", "Secret-plans", " secret-plans", "s
 
 
 @pytest.mark.parametrize("model", SPELLINGS)
-def test_a_deny_cannot_be_sidestepped_by_spelling(deny_gw: Proc, model: str) -> None:
-    response = httpx.post(deny_gw.url + "/v1/chat/completions", json={"model": model})
+def test_a_deny_cannot_be_sidestepped_by_spelling(deny_gw: Proc, http: httpx.Client,
+                                                  model: str) -> None:
+    response = http.post(deny_gw.url + "/v1/chat/completions", json={"model": model})
     assert response.status_code == 403, response.text
     assert response.json()["error"]["message"] == \
         "denied by policy rule routes[0]: secrets stay home"
@@ -260,29 +262,23 @@ HOSTILE_HEADERS = (b"set-cookie: session=stolen; Path=/\r\n"
                    b"retry-after: 3\r\nx-request-id: upstream-1\r\n")
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_only_allowlisted_response_headers_pass(recorder: Callable[..., Recorder],
-                                                start_gateway: PolicyFactory,
-                                                stream: bool) -> None:
-    if stream:
-        event = b"data: {}\n\n"
-        answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + HOSTILE_HEADERS +
-                  b"content-length: %d\r\n\r\n%s" % (len(event), event))
-    else:
-        answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + HOSTILE_HEADERS +
-                  b"content-length: %d\r\n\r\n%s" % (len(OK), OK))
-    rec = recorder(answer)
-    gw = start_gateway(upstream("rec", rec.port) + '[[routes]]\nforward = ["rec"]\n')
-    response = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m",
-                                                                 "stream": stream})
+ANSWERS = {"ok": answer(b"application/json", OK),
+           "hostile": answer(b"application/json", OK, HOSTILE_HEADERS),
+           "hostile_stream": answer(b"text/event-stream", b"data: {}\n\n", HOSTILE_HEADERS)}
+
+
+@pytest.mark.parametrize(("model", "rule"), [("hostile", 1), ("hostile_stream", 2)])
+def test_only_allowlisted_response_headers_pass(rec_gw: Proc, model: str, rule: int) -> None:
+    response = httpx.post(rec_gw.url + "/v1/chat/completions",
+                          json={"model": model, "stream": model.endswith("stream")})
     assert response.status_code == 200
     headers = response.headers
     for name in ("set-cookie", "access-control-allow-origin",
                  "access-control-allow-credentials", "x-myco-split", "location"):
         assert name not in headers, name
     assert "evil" not in headers.get("server", "")
-    assert headers.get_list("x-myco-node") == ["rec"]
-    assert headers.get_list("x-myco-rule") == ["routes[0]"]
+    assert headers.get_list("x-myco-node") == [model]
+    assert headers.get_list("x-myco-rule") == [f"routes[{rule}]"]
     assert headers["x-ratelimit-remaining-requests"] == "7"
     assert headers["x-ratelimit-reset-requests"] == "1s, 2s"  # repeated: both kept, in order
     assert headers["retry-after"] == "3"
@@ -349,6 +345,7 @@ def node_with_state(state: Path, gateway: Identity) -> Proc:
                  "m1", "--tls-state", str(state), "--trust", gateway.cert_path])
 
 
+@pytest.mark.slow  # a node process and a gateway of its own
 def test_without_a_setting_the_node_default_identity_pins_it(
         tmp_path: Path, gateway_identity: Identity, start_gateway: PolicyFactory) -> None:
     # The node keeps its identity in $XDG_STATE_HOME/mycoswarm/node (nodeagent/settings.py).
@@ -363,6 +360,7 @@ def test_without_a_setting_the_node_default_identity_pins_it(
         node.stop()
 
 
+@pytest.mark.slow  # a node process and a gateway of its own
 def test_no_known_local_id_is_unhealthy_saying_to_add_it(
         tmp_path: Path, gateway_identity: Identity, start_gateway: PolicyFactory) -> None:
     elsewhere = node_with_state(tmp_path / "elsewhere", gateway_identity)

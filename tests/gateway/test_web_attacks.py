@@ -60,20 +60,20 @@ def refused(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("path", ["/v1/policy", "/v1/swarm", "/v1/models", "/health"])
-def test_a_rebound_name_reads_nothing(gw: Proc, path: str) -> None:
+def test_a_rebound_name_reads_nothing(gw: Proc, http: httpx.Client, path: str) -> None:
     port = gw.url.rsplit(":", 1)[1]
     for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example",
                  "127.0.0.1.nip.io", "gw.lan.evil.example"):
-        response = httpx.get(gw.url + path, headers={"host": host})
+        response = http.get(gw.url + path, headers={"host": host})
         error = refused(response, 400, "host_not_allowed")
         assert error["param"] == "Host" and "rule" not in response.text
     for host in ("localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}",
                  f"[::1]:{port}", "[::1]", "LOCALHOST.", "gw.lan", f"box.lan:{port}"):
-        assert httpx.get(gw.url + path, headers={"host": host}).status_code == 200, host
+        assert http.get(gw.url + path, headers={"host": host}).status_code == 200, host
 
 
-def test_the_refusal_does_not_echo_a_long_host(gw: Proc) -> None:
-    response = httpx.get(gw.url + "/v1/policy", headers={"host": "a" * 5000 + ".example"})
+def test_the_refusal_does_not_echo_a_long_host(gw: Proc, http: httpx.Client) -> None:
+    response = http.get(gw.url + "/v1/policy", headers={"host": "a" * 5000 + ".example"})
     assert len(refused(response, 400, "host_not_allowed")["message"]) < 400
 
 
@@ -81,17 +81,18 @@ def test_the_refusal_does_not_echo_a_long_host(gw: Proc) -> None:
     "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
     "multipart/form-data; boundary=x", None, "application/json-patch", "text/json"])
 def test_a_cross_site_post_never_runs_the_model(gw: Proc, upstream: RawServer,
+                                               http: httpx.Client,
                                                content_type: str | None) -> None:
     body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
     before = upstream.accepted
     headers = {"content-type": content_type} if content_type else {}
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                  "/v1/policy/dry-run"):
-        response = httpx.post(gw.url + path, content=body, headers=headers)
+        response = http.post(gw.url + path, content=body, headers=headers)
         assert refused(response, 415, "unsupported_media_type")["param"] == "Content-Type"
     assert upstream.accepted == before
     # The same request as JSON runs the model: the refusal above was the content type's.
-    ok = httpx.post(gw.url + "/v1/chat/completions", content=body,
+    ok = http.post(gw.url + "/v1/chat/completions", content=body,
                     headers={"content-type": "application/json; charset=utf-8"})
     assert ok.status_code == 200 and upstream.accepted == before + 1
 
@@ -105,8 +106,8 @@ def test_a_duplicate_content_type_is_refused(gw: Proc) -> None:
         assert sock.recv(65536).startswith(b"HTTP/1.1 415 ")
 
 
-def preflight(url: str, origin: str) -> httpx.Response:
-    return httpx.options(url + "/v1/chat/completions", headers={
+def preflight(http: httpx.Client, url: str, origin: str) -> httpx.Response:
+    return http.options(url + "/v1/chat/completions", headers={
         "origin": origin, "access-control-request-method": "POST",
         "access-control-request-headers": "content-type, authorization"})
 
@@ -115,26 +116,27 @@ def cors_headers(response: httpx.Response) -> list[str]:
     return [name for name in response.headers if name.startswith("access-control-")]
 
 
-def test_no_cors_headers_unless_the_policy_names_origins(gw: Proc) -> None:
-    assert cors_headers(preflight(gw.url, "http://evil.example")) == []
-    for response in (httpx.get(gw.url + "/v1/models", headers={"origin": "http://evil.example"}),
-                     httpx.post(gw.url + "/v1/chat/completions", json={"model": "m"},
+def test_no_cors_headers_unless_the_policy_names_origins(gw: Proc, http: httpx.Client) -> None:
+    assert cors_headers(preflight(http, gw.url, "http://evil.example")) == []
+    for response in (http.get(gw.url + "/v1/models", headers={"origin": "http://evil.example"}),
+                     http.post(gw.url + "/v1/chat/completions", json={"model": "m"},
                                 headers={"origin": "http://evil.example"})):
         assert response.status_code == 200 and cors_headers(response) == []
 
 
-def test_cors_for_the_named_origins_only(start_gateway: PolicyFactory,
-                                         upstream: RawServer) -> None:
+def test_cors_for_the_named_origins_only(start_gateway: PolicyFactory, upstream: RawServer,
+                                         http: httpx.Client) -> None:
     proc = start_gateway(policy(upstream, '[cors]\norigins = ["http://app.example:3000"]\n'))
-    allowed = preflight(proc.url, "http://app.example:3000")
+    allowed = preflight(http, proc.url, "http://app.example:3000")
     assert allowed.status_code < 300
     assert allowed.headers["access-control-allow-origin"] == "http://app.example:3000"
-    assert "access-control-allow-origin" not in preflight(proc.url, "http://evil.example").headers
-    answer = httpx.post(proc.url + "/v1/chat/completions", json={"model": "m"},
+    assert "access-control-allow-origin" not in \
+        preflight(http, proc.url, "http://evil.example").headers
+    answer = http.post(proc.url + "/v1/chat/completions", json={"model": "m"},
                         headers={"origin": "http://app.example:3000"})
     assert answer.headers["access-control-allow-origin"] == "http://app.example:3000"
     # CORS does not lift the other checks: a page there still cannot skip the preflight.
-    plain = httpx.post(proc.url + "/v1/chat/completions", content=b'{"model": "m"}',
+    plain = http.post(proc.url + "/v1/chat/completions", content=b'{"model": "m"}',
                        headers={"origin": "http://app.example:3000",
                                 "content-type": "text/plain"})
     refused(plain, 415, "unsupported_media_type")
@@ -160,7 +162,8 @@ def own_address() -> str | None:
 
 
 def test_listening_everywhere_serves_the_machines_own_names(start_gateway: PolicyFactory,
-                                                          upstream: RawServer) -> None:
+                                                          upstream: RawServer,
+                                                          http: httpx.Client) -> None:
     address = own_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
@@ -169,10 +172,10 @@ def test_listening_everywhere_serves_the_machines_own_names(start_gateway: Polic
     url = f"http://{address}:{port}/v1/swarm"
     for host in (f"{address}:{port}", socket.gethostname(), f"{socket.gethostname()}.local",
                  f"localhost:{port}"):
-        assert httpx.get(url, headers={"host": host}).status_code == 200, host
-    refused(httpx.get(url, headers={"host": f"evil.example:{port}"}), 400, "host_not_allowed")
+        assert http.get(url, headers={"host": host}).status_code == 200, host
+    refused(http.get(url, headers={"host": f"evil.example:{port}"}), 400, "host_not_allowed")
     for host in ("10.99.99.99", f"0.0.0.0:{port}"):
-        refused(httpx.get(url, headers={"host": host}), 400, "host_not_allowed")
+        refused(http.get(url, headers={"host": host}), 400, "host_not_allowed")
 
 
 @pytest.mark.parametrize(("host", "server", "allowed"), [

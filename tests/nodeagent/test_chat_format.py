@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent import chat, tools, wire
+from nodeagent.runner import chat, tools, wire
 
 
 def request(**fields: Any) -> wire.ChatRequest:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import shutil
+import socket
 import subprocess
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +37,7 @@ BogoMIPS\t: 108.00
 Features\t: fp asimd evtstrm crc32 cpuid
 CPU implementer\t: 0x41
 
+Hardware\t: BCM2835
 Revision\t: c03114
 Serial\t\t: 10000000abcdef01
 Model\t\t: Raspberry Pi 4 Model B Rev 1.4
@@ -51,7 +55,7 @@ OLD_ARM = "Processor\t: ARMv6-compatible processor rev 7 (v6l)\nHardware\t: BCM2
 
 @pytest.mark.parametrize(("text", "name"), [
     (X86, "Intel(R) Core(TM) i9-13900K"),
-    (PI4_64, "Raspberry Pi 4 Model B Rev 1.4"),
+    (PI4_64, "Raspberry Pi 4 Model B Rev 1.4"),  # the board's Model over its SoC
     (PI3_32, "ARMv7 Processor rev 4 (v7l)"),  # the board comes from the device tree
     (OLD_ARM, "BCM2708"),
     ("model name\t:\nvendor_id\t: x\n", ""),
@@ -139,7 +143,11 @@ def test_detect_on_this_machine() -> None:
     print(hw)
     assert hw.cpu_cores >= hw.cpu_physical_cores >= 1
     assert 0 < hw.ram_available <= hw.ram_total
-    assert hw.cpu_model and hw.hostname and hw.system and hw.machine
+    assert (hw.hostname, hw.system, hw.machine) == \
+        (socket.gethostname(), platform.system(), platform.machine())
+    if hw.system == "Linux":
+        assert hw.cpu_model == (parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+                                or platform.processor() or platform.machine())
     if _has_nvidia_gpu():
         assert hw.gpus and all(g.vendor == "nvidia" and g.memory_total > 0 for g in hw.gpus)
     else:

@@ -12,7 +12,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from nodeagent import capability
 from nodeagent.settings import NodeSettings, parse_size
 from nodeagent.store import ModelMeta, ModelStore
 from tests.conftest import MODEL_ID, paired_state
-from tests.procs import Proc, myco
+from tests.procs import Proc, myco, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 2**20
@@ -109,14 +109,6 @@ def pair(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
         print(proc.output)
 
 
-def until(check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return found
-
-
 def test_a_model_too_big_for_the_head_runs_split_over_a_lent_cpu(pair: Pair) -> None:
     alone = pair.chat({})
     assert alone.status_code == 503 and "does not fit on this node" in alone.text
@@ -134,7 +126,8 @@ def test_a_model_too_big_for_the_head_runs_split_over_a_lent_cpu(pair: Pair) -> 
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-myco-node"] == "a"
     assert answer.json()["usage"]["completion_tokens"] == 8
-    assert answer.json()["choices"][0]["message"]["content"]
+    (choice,) = answer.json()["choices"]
+    assert choice["message"]["content"] and choice["finish_reason"] == "length", choice
 
     a = pair.info(pair.a)
     assert a["capabilities"]["models"][0]["fit"] == "none"  # 300M: not alone
@@ -186,9 +179,9 @@ def test_idle_runners_unload_and_their_lease_ends(pair: Pair) -> None:
     (runner,) = pair.info(pair.a)["runners"]
     (lent,) = pair.info(pair.b)["lent"]
     started = time.monotonic()
-    until(lambda: not pair.info(pair.a)["splits"], 10)
+    wait_for(lambda: not pair.info(pair.a)["splits"], 10, "the split runner unloaded")
     unloaded = time.monotonic() - started
-    until(lambda: not pair.info(pair.b)["lent"], 10)
+    wait_for(lambda: not pair.info(pair.b)["lent"], 10, "the lease ended")
     print(f"unloaded after {unloaded:.1f} s, lease ended {time.monotonic() - started:.1f} s")
     assert pair.info(pair.a)["loaded"] == []
     assert not _alive(runner["pid"]) and not _alive(lent["pid"])
@@ -200,7 +193,8 @@ def test_children_die_with_a_killed_node_agent(pair: Pair) -> None:
     (lent,) = pair.info(pair.b)["lent"]
     for node in (pair.a, pair.b):
         node.popen.kill()  # SIGKILL: no clean-up of its own
-    until(lambda: not _alive(runner["pid"]) and not _alive(lent["pid"]), 10)
+    wait_for(lambda: not _alive(runner["pid"]) and not _alive(lent["pid"]), 10,
+             "the runner and the lent worker gone")
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,7 @@ does the same with live runners."""
 
 from __future__ import annotations
 
-from nodeagent.loadrecord import check, parse
+from nodeagent.runner.loadrecord import check, parse
 
 A, B = "127.0.0.1:50211", "127.0.0.1:50212"
 DEVICES = ("CPU",) * 7 + ("RPC0",) * 6 + ("RPC1",) * 6

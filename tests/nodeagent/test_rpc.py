@@ -24,8 +24,8 @@ import pytest
 
 from gateway.placement import Plan, SplitNode, place
 from myco.protocol import Device, ModelShape
-from nodeagent import rpc
-from tests.procs import ROOT
+from nodeagent.lending import rpc
+from tests.procs import ROOT, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -88,7 +88,7 @@ class Child:
 
 
 def start_worker(cache: Path) -> tuple[Child, str]:
-    worker = Child("nodeagent.rpcworker", "--port", "0", "--cache-dir", str(cache),
+    worker = Child("nodeagent.lending.rpcworker", "--port", "0", "--cache-dir", str(cache),
                    "--threads", "1")
     found = worker.wait_for(r"rpc worker listening on (127\.0\.0\.1:\d+) \(protocol (\S+),")
     return worker, found[1]
@@ -130,7 +130,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
 def test_worker_answers_hello_with_this_builds_version(workers: list[str]) -> None:
     host, port = workers[0].split(":")
     # llama_cpp is never imported here: it leaves /dev/null open, a ResourceWarning at exit.
-    built = subprocess.run([sys.executable, "-c", "from nodeagent import rpc; "
+    built = subprocess.run([sys.executable, "-c", "from nodeagent.lending import rpc; "
                             "print(rpc.supported(), rpc.protocol_version())"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert built.split() == ["True", "(7,", "0,", "0)"]
@@ -138,7 +138,7 @@ def test_worker_answers_hello_with_this_builds_version(workers: list[str]) -> No
 
 
 def test_worker_refuses_any_host_but_loopback(tmp_path: Path) -> None:
-    worker = Child("nodeagent.rpcworker", "--host", "0.0.0.0", "--port", "0",
+    worker = Child("nodeagent.lending.rpcworker", "--host", "0.0.0.0", "--port", "0",
                    "--cache-dir", str(tmp_path))
     assert worker.exit_code() == 2
     assert "listen on 127.0.0.1 only" in worker.output
@@ -197,18 +197,17 @@ def test_planned_split_over_two_workers_then_one_gives_the_same_tokens(
 
 
 def _wait_healthy(sock: Path, runner: Child, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         assert runner.popen.poll() is None, runner.output
-        if sock.exists():
-            try:
-                with client(sock) as http:
-                    if http.get("/health").status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
-        time.sleep(0.05)
-    raise AssertionError(f"runner not healthy:\n{runner.output}")
+        if not sock.exists():  # (httpx would leak the socket it failed to connect)
+            return False
+        try:
+            with client(sock) as http:
+                return http.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(healthy, timeout, lambda: f"runner healthy:\n{runner.output}")
 
 
 def test_unreachable_worker_fails_fast_with_a_clear_message(

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -17,7 +17,8 @@ import pytest
 
 from myco.identity import Identity, load_or_create
 from myco.tls import client_context
-from nodeagent.tunnel import TunnelEntrance, TunnelExit
+from nodeagent.lending.tunnel import TunnelEntrance, TunnelExit
+from tests.procs import wait_for_async
 
 pytestmark = pytest.mark.timeout(60)
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -78,12 +79,6 @@ class Target:
         await self.server.wait_closed()
 
 
-async def until(check: Callable[[], bool], timeout: float = 5) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def tunnel(ids: dict[str, Identity], *, client: str = "head", pin: str = "worker",
                  hang_up: bool = False, stall: bool = False, timeout: float = 2,
@@ -127,7 +122,7 @@ def test_bytes_flow_both_ways(ids: dict[str, Identity], caplog: pytest.LogCaptur
                 writer.write(message)
                 assert await reader.readexactly(len(message)) == message
             writer.close()
-            await until(lambda: target.ends == 1)
+            await wait_for_async(lambda: target.ends == 1, 5, "the target's end closed")
             assert target.connections == 1
 
     with caplog.at_level(logging.INFO, "myco.node.tunnel"):
@@ -184,7 +179,7 @@ def test_revoke_ends_open_connections_and_refuses_new_ones(
             assert await open_[0].readexactly(4) == b"ping"
             exit_.revoke(ids["head"].id)
             assert await hung_up(open_)
-            await until(lambda: target.ends == 1)
+            await wait_for_async(lambda: target.ends == 1, 5, "the target's end closed")
             later = await dial(entrance.port)
             later[1].write(b"ping")
             assert await hung_up(later)
@@ -208,7 +203,7 @@ def test_grant_refuses_a_certificate_of_another_id(ids: dict[str, Identity]) -> 
 
 
 def test_a_large_transfer_arrives_intact(ids: dict[str, Identity]) -> None:
-    payload = os.urandom(50 * 1024 * 1024)
+    payload = os.urandom(16 * 1024 * 1024)  # 64 relay chunks, far over the socket buffers
 
     async def go() -> bytes:
         async with tunnel(ids) as (entrance, _, _target):
@@ -276,7 +271,7 @@ def test_the_client_closing_closes_the_target(ids: dict[str, Identity]) -> None:
             reader, writer = await dial(entrance.port)
             writer.write(b"a" * 100_000)
             writer.write_eof()  # a half-close ends the relay too, after what was sent
-            await until(lambda: target.ends == 1)
+            await wait_for_async(lambda: target.ends == 1, 5, "the target's end closed")
             assert target.received == 100_000
             await asyncio.wait_for(reader.read(), 5)  # and the client is closed
             writer.close()
@@ -304,7 +299,7 @@ def test_closing_the_tunnel_ends_its_connections(ids: dict[str, Identity]) -> No
             assert await conn[0].readexactly(4) == b"ping"
             await exit_.close()
             assert await hung_up(conn)
-            await until(lambda: target.ends == 1)
+            await wait_for_async(lambda: target.ends == 1, 5, "the target's end closed")
 
     asyncio.run(go())
 
@@ -314,7 +309,7 @@ def test_a_peer_revoked_during_its_handshake_is_refused_after_it(
     async def go() -> None:
         async with tunnel(ids) as (_, exit_, target):
             reader, writer = await dial(exit_.port)  # the exit starts its handshake now...
-            await asyncio.sleep(0.1)
+            await wait_for_async(lambda: exit_._tasks, 5, "the exit accepted")
             exit_.revoke(ids["head"].id)  # ...with the context that still trusts head
             await writer.start_tls(client_context(ids["head"]))
             writer.write(b"ping")
