@@ -175,6 +175,8 @@ class Membership:
         and the health checks say why).  Every address is tried: anyone can announce records
         for a node's host name."""
         pin, mismatches, silent = self.pins[name], [], None
+        if pin is None:  # cannot happen: a node listed without address has an id (policy.py)
+            return
         for host in found.addresses:
             self.egress.allow(host, found.port)
             try:

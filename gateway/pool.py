@@ -54,7 +54,7 @@ class Peer(NamedTuple):
     port: int
     base_path: str  # e.g. "/v1"
     node: bool = False  # mutual TLS as the gateway, the peer checked against `pin`
-    pin: str | None = None  # the id a node must present (None: a loopback node, unpinned)
+    pin: str = ""  # the id a node must present (every node is pinned; see for_node)
 
     @classmethod
     def from_url(cls, url: str) -> Peer:
@@ -63,7 +63,7 @@ class Peer(NamedTuple):
         return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
 
     @classmethod
-    def for_node(cls, address: str, pin: str | None, base_path: str = "/v1") -> Peer:
+    def for_node(cls, address: str, pin: str, base_path: str = "/v1") -> Peer:
         host, _, port = address.rpartition(":")
         return cls("https", host.strip("[]"), int(port), base_path, True, pin)
 

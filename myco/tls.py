@@ -77,11 +77,11 @@ def peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     return id_of(der) if der else None
 
 
-def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pinned: str | None) -> str:
-    """The peer's id; `IdentityMismatch` unless it is `pinned` (None pins nothing)."""
+def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pinned: str) -> str:
+    """The peer's id; `IdentityMismatch` unless it is `pinned`."""
     found = peer_id(ssl_object)
     if found is None:
         raise IdentityMismatch("the peer presented no certificate")
-    if pinned is not None and found != pinned:
+    if found != pinned:
         raise IdentityMismatch(f"identity mismatch: expected {pinned}, the peer is {found}")
     return found
