@@ -81,12 +81,17 @@ def paired_state(tmp_path_factory: pytest.TempPathFactory, gateway: Identity) ->
     return state
 
 
+def start_node(models: Path, name: str, tmp_path_factory: pytest.TempPathFactory,
+               gateway: Identity) -> Proc:
+    """A real node agent on port 0 serving `models`, paired with `gateway`."""
+    return myco("node", "--port", "0", "--models", str(models), "--name", name, "--n-ctx",
+                "1024", "--state-dir", str(paired_state(tmp_path_factory, gateway)))
+
+
 @pytest.fixture(scope="session")
 def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
          gateway_identity: Identity) -> Iterator[Proc]:
-    proc = myco("node", "--port", "0", "--models", str(models_dir), "--name", "testnode",
-                "--n-ctx", "1024", "--state-dir",
-                str(paired_state(tmp_path_factory, gateway_identity)))
+    proc = start_node(models_dir, "testnode", tmp_path_factory, gateway_identity)
     yield proc
     proc.stop()
 
@@ -95,9 +100,7 @@ def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
 def chat_node(chat_models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
               gateway_identity: Identity) -> Iterator[Proc]:
     """A node serving both chat models (`chat_models_dir`)."""
-    proc = myco("node", "--port", "0", "--models", str(chat_models_dir), "--name", "chatnode",
-                "--n-ctx", "1024", "--state-dir",
-                str(paired_state(tmp_path_factory, gateway_identity)))
+    proc = start_node(chat_models_dir, "chatnode", tmp_path_factory, gateway_identity)
     yield proc
     proc.stop()
 
