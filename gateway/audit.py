@@ -1,11 +1,10 @@
 """The audit log: one JSON line per routing decision, appended and flushed as it happens.
 
 No prompt text is written unless the policy's `[audit] prompts = true` asks for it.  Fields the
-client chose are bounded (`bounded`): a model name longer than `MAX_FIELD` characters is cut,
-with its length.  The file is the user's record of who asked what, so it is readable by its
-owner only: created 0600, and tightened to 0600 if it exists with wider permissions (a log
-from before this rule, or one a copy made readable); a file the gateway cannot tighten is
-used as it is, with a warning.
+client chose are cut to `MAX_FIELD` characters, with their length (`bounded`).  The file is the
+user's record of who asked what, so only its owner may read it: created 0600, and tightened to
+0600 if it is wider (a log from before this rule, or a copy made readable); a file the gateway
+cannot tighten is used as it is, with a warning.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ MAX_FIELD = 256
 log = logging.getLogger("myco.gateway.audit")
 
 
-class Attempt(msgspec.Struct, frozen=True):
-    """One target the request was sent to, and what came of it."""
-
+class Attempt(msgspec.Struct, frozen=True):  # one target the request was sent to
     target: str
     outcome: str  # "answered 200", or why the next target was tried
 
@@ -46,7 +43,6 @@ class AuditEntry(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 def bounded(text: str | None) -> str | None:
-    """`text` cut to `MAX_FIELD` characters, saying how long it was."""
     if text is None or len(text) <= MAX_FIELD:
         return text
     return f"{text[:MAX_FIELD]}... ({len(text)} characters)"

@@ -8,6 +8,7 @@ that stops cleanly sends a goodbye and disappears from `nodes` at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -24,7 +25,6 @@ from gateway.policy import Policy
 from myco.protocol import SERVICE
 
 log = logging.getLogger("myco.gateway.discovery")
-
 
 
 class Discovered(msgspec.Struct, frozen=True):
@@ -45,8 +45,7 @@ class _Goodbyes(RecordUpdateListener):
         self._discovery = discovery
 
     def async_update_records(self, zc: Zeroconf, now: float, records: list[Any]) -> None:
-        for update in records:
-            record = update.new
+        for record in [update.new for update in records]:
             if isinstance(record, DNSPointer) and record.name == SERVICE and record.ttl == 0:
                 self._discovery.remove(record.alias, "said goodbye")
 
@@ -56,8 +55,8 @@ class Discovery:
                  on_found: Callable[[Discovered], object] | None = None,
                  on_left: Callable[[Discovered], object] | None = None) -> None:
         self._interface = interface
-        self._on_found = on_found
-        self._on_left = on_left
+        self._on_found = on_found or (lambda found: None)
+        self._on_left = on_left or (lambda found: None)
         self._timeout = request_timeout_ms
         self.nodes: dict[str, Discovered] = {}  # by service instance name
         self._zc: AsyncZeroconf | None = None
@@ -69,33 +68,26 @@ class Discovery:
         if state_change is ServiceStateChange.Removed:
             self.remove(name, "left")
             return
-        task = asyncio.ensure_future(self._resolve(zeroconf, service_type, name))
-        self._tasks.add(task)
+        self._tasks.add(task := asyncio.ensure_future(self._resolve(zeroconf, service_type, name)))
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(zeroconf, self._timeout):
-            return
-        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-        found = Discovered(
-            name, props.get("name") or name.removesuffix("." + SERVICE), props.get("id", ""),
-            tuple(info.parsed_addresses()), info.port or 0, props, time.time())
-        self.nodes[name] = found
-        if self._on_found is not None:
+        if await info.async_request(zeroconf, self._timeout):
+            props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+            self.nodes[name] = found = Discovered(
+                name, props.get("name") or name.removesuffix("." + SERVICE), props.get("id", ""),
+                tuple(info.parsed_addresses()), info.port or 0, props, time.time())
             self._on_found(found)
 
     def remove(self, name: str, how: str) -> None:
-        found = self.nodes.pop(name, None)
-        if found is not None:
+        if (found := self.nodes.pop(name, None)) is not None:
             log.info("mDNS: %s %s", name, how)
-            if self._on_left is not None:
-                self._on_left(found)
+            self._on_left(found)
 
     async def start(self) -> None:
         self._zc = AsyncZeroconf(interfaces=[self._interface], ip_version=IPVersion.V4Only)
-        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE],
-                                            handlers=[self._changed])
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE], handlers=[self._changed])
         self._zc.zeroconf.async_add_listener(_Goodbyes(self),
                                              DNSQuestion(SERVICE, _TYPE_PTR, _CLASS_IN))
 
@@ -109,11 +101,9 @@ class Discovery:
 
 
 def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(host.strip("[]")))
+    return False
 
 
 def judge(found: Discovered, policy: Policy) -> tuple[str | None, str]:
@@ -121,13 +111,11 @@ def judge(found: Discovered, policy: Policy) -> tuple[str | None, str]:
     claims an id; the certificate is checked when the gateway connects."""
     for node in policy.nodes.values():
         if node.id is not None and node.id == found.id:
-            announced = {f"{address}:{found.port}" for address in found.addresses}
             if node.address is not None and _is_ip(node.address.rpartition(":")[0]) \
-                    and node.address not in announced:
+                    and node.address not in {f"{a}:{found.port}" for a in found.addresses}:
                 return None, (f"identity mismatch: claims the id of {node.name!r}, which the "
                               f"policy places at {node.address}")
             return node.name, "listed"
-    pinned = policy.nodes.get(found.name)
-    if pinned is not None and pinned.id is not None:
+    if (pinned := policy.nodes.get(found.name)) is not None and pinned.id is not None:
         return None, f"identity mismatch: {found.name!r} is pinned to {pinned.id}"
     return None, "not in policy"

@@ -1,12 +1,11 @@
 """The egress guard: the gateway may only connect to what the policy lists.
 
-`Egress.address_for(host, port)` resolves `host` (numeric spellings such as `2130706433`,
-`0x7f.1` or `[::ffff:127.0.0.1]` included, because the system resolver is what a socket would
-use) and returns an address that, with `port`, is one of the listed endpoints; anything else
-raises `EgressDenied`.  Callers then connect to that checked address, so a name cannot resolve
-differently between the check and the connect.  The gateway's one way out, the forwarding pool
-(`gateway/pool.py`, which also carries the health checks), asks it before every new
-connection.  Redirects are never followed.
+`Egress.address_for(host, port)` resolves `host` (numeric spellings such as `2130706433`, `0x7f.1`
+or `[::ffff:127.0.0.1]` included, because the system resolver is what a socket would use) and
+returns an address that, with `port`, is a listed endpoint; anything else raises `EgressDenied`.
+Callers then connect to that checked address, so a name cannot resolve differently between check
+and connect.  The gateway's one way out, the forwarding pool (`gateway/pool.py`, health checks
+included), asks it before every new connection.  Redirects are never followed.
 """
 
 from __future__ import annotations
@@ -26,16 +25,13 @@ class EgressDenied(httpx.TransportError):
 
 def canonical_ip(address: str) -> str:
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
     """Every address the system resolver gives for `host` (numeric forms included)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    return [canonical_ip(str(info[4][0])) for info in infos]
+    return [canonical_ip(str(info[4][0])) for info in await asyncio.get_running_loop().getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM)]
 
 
 class Egress:
@@ -57,8 +53,7 @@ class Egress:
 
     async def _addresses(self, host: str, port: int) -> list[str]:
         now = time.monotonic()
-        hit = self._cache.get(host)
-        if hit is not None and now - hit[0] < self._ttl:
+        if (hit := self._cache.get(host)) is not None and now - hit[0] < self._ttl:
             return hit[1]
         try:
             addresses = await resolve_host(host, port)
@@ -69,10 +64,9 @@ class Egress:
 
     async def _allowed_addresses(self) -> set[tuple[str, int]]:
         if time.monotonic() - self._allowed_at >= self._ttl:
-            allowed: set[tuple[str, int]] = set()
-            for host, port in self._listed:
-                allowed.update((address, port) for address in await self._addresses(host, port))
-            self._allowed, self._allowed_at = allowed, time.monotonic()
+            self._allowed = {(address, port) for host, port in self._listed
+                             for address in await self._addresses(host, port)}
+            self._allowed_at = time.monotonic()
         return self._allowed
 
     async def address_for(self, host: str, port: int) -> str:

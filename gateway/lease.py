@@ -25,8 +25,7 @@ async def lease(plan: Plan, model: str, members: Membership, pool: ConnectionPoo
     devices = [d for d in plan.devices if d.role == "worker"]
     if not devices:
         return None
-    head_pem = members.certificate(plan.head)
-    head_id = members.node_id(plan.head)
+    head_pem, head_id = members.certificate(plan.head), members.node_id(plan.head)
     if not head_pem or head_id is None or certificate_id(head_pem) != head_id:
         raise Unavailable(f"head {plan.head} has not shown a certificate with its id yet")
     workers = []
@@ -34,10 +33,9 @@ async def lease(plan: Plan, model: str, members: Membership, pool: ConnectionPoo
         peer, worker_id = members.peer(device.node), members.node_id(device.node)
         if peer is None or worker_id is None:
             raise Unavailable(f"worker {device.node} has no known address or id")
-        asked = protocol.LeaseRequest(model, protocol.NodeId(head_id), head_pem, device.device)
         try:
-            status, answer = await pool.call(peer, "/node/rpc/lease", timeout,
-                                             msgspec.json.encode(asked))
+            status, answer = await pool.call(peer, "/node/rpc/lease", timeout, msgspec.json.encode(
+                protocol.LeaseRequest(model, protocol.NodeId(head_id), head_pem, device.device)))
         except (httpx.HTTPError, TimeoutError) as exc:
             raise TargetFailed(f"worker {device.node} cannot lend {device.device}: "
                                f"{type(exc).__name__}: {exc}") from None

@@ -109,8 +109,7 @@ class Messages(Dialect):
             "user": (r.get("metadata") or {}).get("user_id"), "stream": r.get("stream") or None,
             "stream_options": {"include_usage": True} if r.get("stream") else None})
 
-    def error_body(self, status: int, body: bytes) -> bytes:
-        return error_body(status, body)
+    error_body = staticmethod(error_body)
 
     def whole(self, body: bytes) -> dict[str, Any]:
         if self.path != protocol.TOKENS_PATH:

@@ -25,10 +25,9 @@ How a plan is laid out (llama.cpp's rules; see myco/layers.py):
 - Layers go to GPUs first (most free memory first), then the head's CPU, then worker CPUs.
 - Every device that gets layers must fit their weights and KV cache, plus `compute_bytes`.
 
-How to add a rule: a membership rule is a `_Rule` in `HEAD_RULES` or `WORKER_RULES` (order is
-priority: the first failing rule names the reason); a preference is a `_Preference` in
-`PREFERENCES` above the first one it should outweigh.  Then add a case to
-tests/gateway/test_placement.py.
+How to add a rule: a membership rule is a `_Rule` in `HEAD_RULES` or `WORKER_RULES`, in order
+of priority; a preference is a `_Preference` in `PREFERENCES` above the first one it should
+outweigh.  Then add a case to tests/gateway/test_placement.py.
 """
 
 from __future__ import annotations
@@ -141,8 +140,7 @@ def place(shape: ModelShape, nodes: Sequence[SplitNode], *,
     need = _total(shape, compute_bytes)
     heads = [h for h in heads if sum(d.free_bytes for n in (h, *crew[h.name])
                                      for d in n.devices) >= need]  # cannot fit: skip early
-    largest = max((len(crew[h.name]) for h in heads), default=0)
-    for k in range(min(largest, MAX_WORKERS) + 1):
+    for k in range(min(max((len(crew[h.name]) for h in heads), default=0), MAX_WORKERS) + 1):
         found = [plan for head in heads for workers in itertools.combinations(crew[head.name], k)
                  if isinstance(plan := _layout(shape, head, workers, compute_bytes), Plan)]
         if found:
@@ -225,15 +223,14 @@ def _refuse(shape: ModelShape, nodes: Sequence[SplitNode], crew: dict[str, list[
     reasons = []
     for node in nodes:
         lends = sum(d.free_bytes for d in node.devices)
-        why: list[str] = []
         if node in heads:
             helpers = crew[node.name]
             total = lends + sum(d.free_bytes for w in helpers for d in w.devices)
             with_them = (f" nor with workers {', '.join(w.name for w in helpers)} "
                          f"({_size(total)} in all)" if helpers else ", and no worker can join it")
-            why.append(f"as head: does not fit alone ({_size(lends)} lent){with_them}")
+            why = [f"as head: does not fit alone ({_size(lends)} lent){with_them}"]
         else:
-            why.append(_failing(HEAD_RULES, node, node) or "")
+            why = [_failing(HEAD_RULES, node, node) or ""]
         if heads:
             as_worker = {_failing(WORKER_RULES, node, h) for h in heads if h is not node}
             if None in as_worker:

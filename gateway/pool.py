@@ -76,17 +76,12 @@ class _Connection(asyncio.Protocol):
         self.reset()
 
     def reset(self) -> None:
-        self.status = 0
+        self.status = self.header_bytes = 0
         self.headers: dict[str, str] = {}
-        self.header_bytes = 0
-        self.got_response = False
-        self.headers_done = asyncio.Event()
+        self.got_response = self.complete = self.keep_alive = self.paused = False
+        self.headers_done, self.readable = asyncio.Event(), asyncio.Event()
         self.chunks: deque[bytes] = deque()
-        self.readable = asyncio.Event()
-        self.complete = False
-        self.keep_alive = False
         self.error: Exception | None = None
-        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -151,11 +146,9 @@ class PooledResponse:
 
     def __init__(self, pool: ConnectionPool, peer: Peer, conn: _Connection,
                  read_timeout: float | None) -> None:
-        self.status_code = conn.status
-        self.headers = conn.headers
+        self.status_code, self.headers = conn.status, conn.headers
         self._pool, self._peer, self._conn = pool, peer, conn
-        self._timeout = read_timeout
-        self._released = False
+        self._timeout, self._released = read_timeout, False
 
     @property
     def is_redirect(self) -> bool:
@@ -192,12 +185,10 @@ class ConnectionPool:
     def __init__(self, egress: Egress, *, connect_timeout: float, read_timeout: float,
                  node_tls: ssl.SSLContext | None = None, node_id: str = "GATEWAY_ID",
                  max_idle_per_peer: int = 64) -> None:
-        self._egress = egress
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
+        self._egress, self._max_idle = egress, max_idle_per_peer
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._node_tls = node_tls  # myco.tls.client_context(the gateway's identity)
         self._node_id = node_id  # that identity's id, for error messages
-        self._max_idle = max_idle_per_peer
         self._idle: dict[Peer, list[_Connection]] = {}
         self._busy: dict[tuple[str, int], set[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -215,10 +206,9 @@ class ConnectionPool:
     async def _connect(self, peer: Peer, timeout: float) -> _Connection:
         address = await self._egress.address_for(peer.host, peer.port)
         context = self._context(peer)
-        loop = asyncio.get_running_loop()
         where = f"{peer.host}:{peer.port}"
         try:
-            transport, conn = await asyncio.wait_for(loop.create_connection(
+            transport, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
                 _Connection, address, peer.port, ssl=context,
                 server_hostname=peer.host if context else None), timeout)
         except TimeoutError:
@@ -262,15 +252,13 @@ class ConnectionPool:
                    timeout: float | None = None) -> PooledResponse:
         """Send `body` to `peer` + `path`; the response body is read by the caller.
         `timeout` (seconds) replaces the pool's connect and read timeouts for this request."""
-        lines = [f"{method} {peer.base_path}{path} HTTP/1.1",
-                 f"host: {peer.host}:{peer.port}", f"content-length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines = [f"{method} {peer.base_path}{path} HTTP/1.1", f"host: {peer.host}:{peer.port}",
+                 f"content-length: {len(body)}", *[f"{k}: {v}" for k, v in headers.items()]]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         idle = self._idle.get(peer)
-        conn = None
-        while idle and conn is None:
-            candidate = idle.pop()
-            conn = None if candidate.closed else candidate
+        conn: _Connection | None = None
+        while idle and (conn := idle.pop()).closed:
+            conn = None
         read_timeout = self._read_timeout if timeout is None else timeout
         if conn is not None:
             try:

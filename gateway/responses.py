@@ -150,8 +150,7 @@ class Responses(Dialect):
         return sse(kind, sequence_number=self.seq - 1, **fields)
 
     def at(self, *keys: str) -> dict[str, Any]:
-        """Where the last item's events apply: output_index, and `keys` of item_id and
-        content_index."""
+        """Where the last item's events apply: output_index, and `keys` (item_id, content_index)."""
         where = {"item_id": self.items[-1]["key"], "content_index": 0}
         return {"output_index": len(self.items) - 1, **{k: where[k] for k in keys}}
 
@@ -192,8 +191,7 @@ class Responses(Dialect):
         it["key"], it["status"] = ("msg_" if text else "fc_") + uuid.uuid4().hex, "in_progress"
         part = {"type": "output_text", "text": "", "annotations": []}
         return self.emit("response.output_item.added", item=self.item(it, True), **self.at()) + (
-            self.emit("response.content_part.added", part=part, **self.at(*_PART)) if text
-            else b"")
+            self.emit("response.content_part.added", part=part, **self.at(*_PART)) if text else b"")
 
     def delta(self, delta: str) -> bytes:
         if self.items[-1]["type"] == "text":

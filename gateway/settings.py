@@ -24,15 +24,13 @@ class GatewaySettings(ConnectionLimits, frozen=True):  # + the connection limits
     lease_timeout: float = 60.0  # a worker node starting its rpc worker for a split
     read_timeout: float = 600.0  # a long generation without streaming
     max_response_bytes: int = 32 * 1024 * 1024  # an answer that is not streamed; beyond: 502
-    # The id that pins a node listed on loopback without `id` (`myco up` sets it); None: the
-    # id of the node identity in the node's default state dir, if there is one.
+    # Pins a loopback node listed without `id` (`myco up` sets it); None: the default node's id
     local_node_id: str | None = None
     discover: str | None = None  # interface address to browse mDNS on; None: no discovery
     state_dir: str = ""  # the gateway's identity (key, certificate), stored Responses
     responses_max_age: float = 30 * 24 * 3600.0  # a stored response is dropped after this,
     responses_max_bytes: int = 256 * 1024 * 1024  # or sooner, oldest first, past this size
-    # Host names served besides loopback and its own addresses (MYCO_GATEWAY_ALLOWED_HOSTS=a,b)
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # host names served besides loopback and own addresses
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: object) -> GatewaySettings:

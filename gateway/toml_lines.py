@@ -30,38 +30,25 @@ def index_lines(text: str) -> dict[Path, int]:
     counters: dict[tuple[str, ...], int] = {}
     table: Path = ()
     for number, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
-            names = tuple(_split_dotted(header.group(2)))
+        if header := _HEADER.match(line):
+            table = names = tuple(_split_dotted(header.group(2)))
             if header.group(1) == "[[":
-                index = counters.get(names, -1) + 1
-                counters[names] = index
-                table = (*names, index)
-            else:
-                table = names
+                counters[names] = counters.get(names, -1) + 1
+                table = (*names, counters[names])
             lines.setdefault(table, number)
-            continue
-        key = _KEY.match(line)
-        if key:
+        elif key := _KEY.match(line):
             lines.setdefault((*table, *_split_dotted(key.group(1))), number)
     return lines
 
 
 def line_of(lines: dict[Path, int], path: Path) -> int | None:
     """The line of `path`, or of its nearest ancestor that has one."""
-    for end in range(len(path), 0, -1):
-        found = lines.get(path[:end])
-        if found is not None:
-            return found
-    return None
+    return next((lines[path[:end]] for end in range(len(path), 0, -1) if path[:end] in lines), None)
 
 
 def parse_msgspec_path(message: str) -> Path:
     """`... - at `$.routes[1].match.model`` -> ("routes", 1, "match", "model")."""
-    found = re.search(r"at `\$([^`]*)`", message)
-    if not found:
+    if not (found := re.search(r"at `\$([^`]*)`", message)):
         return ()
-    path: list[str | int] = []
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", found.group(1)):
-        path.append(int(index) if index else name)
-    return tuple(path)
+    return tuple(int(index) if index else name
+                 for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", found.group(1)))

@@ -65,9 +65,8 @@ class Dialect:
         return body
 
     def begin(self, item: Item) -> bytes:
-        out = self.shut()
+        out, self.is_open = self.shut(), True
         self.items.append(item)
-        self.is_open = True
         return out + self.opened(item)
 
     def shut(self) -> bytes:
@@ -77,11 +76,10 @@ class Dialect:
     def extend(self, kind: str, delta: str) -> bytes:
         """`delta` for the open item of `kind`: text opens one if need be, arguments without
         their call are dropped."""
-        out = b""
-        if not (self.is_open and self.items[-1]["type"] == kind):
-            if kind != "text":
-                return b""
-            out = self.begin({"type": "text", "text": ""})
+        opened = self.is_open and self.items[-1]["type"] == kind
+        if not opened and kind != "text":
+            return b""
+        out = b"" if opened else self.begin({"type": "text", "text": ""})
         self.items[-1]["text" if kind == "text" else "arguments"] += delta
         return out + self.delta(delta)
 

@@ -48,13 +48,11 @@ _encoder = msgspec.json.Encoder()
 
 
 def decode(raw: bytes, kind: type[T]) -> T:
-    """Decode `raw`; bad JSON or a missing/wrong-typed routing field is a 400 naming it."""
     return cast(T, checked(_decoders[kind], raw))
 
 
 def forwarded(raw: bytes, kind: type[T]) -> tuple[bytes, T]:
-    """The body to forward (each top-level key once, values unchanged) and the routing
-    fields read from it; `BadRequest` as `decode`."""
+    """The body to forward (each top-level key once, values unchanged) and its routing fields."""
     body = _encoder.encode(checked(_object, raw))
     return body, decode(body, kind)
 
@@ -64,11 +62,10 @@ def checked(decoder: msgspec.json.Decoder[D], raw: bytes) -> D:
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        text = str(exc)
+        if (text := str(exc)).startswith("Expected `object`"):
+            raise BadRequest("request body must be a JSON object") from None
         found = re.search(r"at `\$\.?([^`]*)`", text) or re.search(r"field `([^`]+)`", text)
         param = found.group(1) if found else None
-        if text.startswith("Expected `object`"):
-            raise BadRequest("request body must be a JSON object") from None
         raise BadRequest(f"invalid request: {text}", param=param) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None

@@ -135,10 +135,7 @@ def error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace")[:200]
 
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                 403: "permission_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 413: "invalid_request_error",
-                 429: "rate_limit_error"}
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
 def type_for_status(status: int) -> str:

@@ -2,9 +2,8 @@
 
 Connections (`protocol`): uvicorn 0.54's httptools protocol has no header read timeout, no bound
 on header size or count, and its `limit_concurrency` ignores half-sent requests.  Here headers
-must arrive within `header_timeout` of the connection's or request's start (else it is closed),
-within `max_header_bytes` and `max_headers` (else 431); a connection over `max_connections` is
-answered 503 as it opens.
+must arrive within `header_timeout` (else the connection is closed), `max_header_bytes` and
+`max_headers` (else 431); a connection over `max_connections` is answered 503 as it opens.
 Requests (`request_guard`, Litestar middleware), against a page in the user's browser: `Host`
 must be loopback, the address the connection arrived on, or a name allowed (a page whose name
 was rebound here still sends its own), else 400; a body must be `application/json` (a form or
@@ -178,9 +177,7 @@ def request_guard(names: frozenset[str] | None) -> Callable[[ASGIApp], ASGIApp]:
             if scope["type"] == ScopeType.HTTP:
                 check(scope, names)
             await app(scope, receive, send)
-
         return guarded
-
     return middleware
 
 

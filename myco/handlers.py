@@ -16,8 +16,7 @@ log = logging.getLogger("myco")
 Handler = Callable[[Request[Any, Any, Any], Any], Response[Any]]
 
 
-def exception_handlers(
-        default_headers: Mapping[str, str]) -> dict[int | type[Exception], Handler]:
+def exception_handlers(default_headers: Mapping[str, str]) -> dict[int | type[Exception], Handler]:
     def myco_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         assert isinstance(exc, MycoError)
         return Response(exc.envelope(), status_code=exc.status, media_type="application/json",
@@ -25,14 +24,12 @@ def exception_handlers(
 
     def http_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         assert isinstance(exc, HTTPException)
-        status = exc.status_code
-        message = str(exc.detail)
+        status, message, code = exc.status_code, str(exc.detail), None
         if status == 413:
-            message = f"request body too large: {message}"
-        code = "request_too_large" if status == 413 else None
-        headers = {**default_headers, **(exc.headers or {})}
+            message, code = f"request body too large: {message}", "request_too_large"
         return Response(encode_error(message, type_for_status(status), None, code),
-                        status_code=status, media_type="application/json", headers=headers)
+                        status_code=status, media_type="application/json",
+                        headers={**default_headers, **(exc.headers or {})})
 
     def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -43,8 +43,7 @@ def _luhn32(chunk: str) -> str:
 
 def id_of(cert_der: bytes) -> str:
     raw = base64.b32encode(hashlib.sha256(cert_der).digest()).decode().rstrip("=")
-    chunks = [raw[i:i + 13] for i in range(0, 52, 13)]
-    checked = "".join(chunk + _luhn32(chunk) for chunk in chunks)
+    checked = "".join(raw[i:i + 13] + _luhn32(raw[i:i + 13]) for i in range(0, 52, 13))
     return "-".join(checked[i:i + 7] for i in range(0, 56, 7))
 
 
@@ -78,10 +77,8 @@ def load_or_create(state_dir: Path, common_name: str) -> Identity:
                 .not_valid_before(now - datetime.timedelta(days=1))
                 .not_valid_after(now + datetime.timedelta(days=20 * 365))
                 .sign(key, hashes.SHA256()))
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
+        with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     where, what = cert_path, "a PEM certificate"
@@ -95,6 +92,5 @@ def load_or_create(state_dir: Path, common_name: str) -> Identity:
         reason = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else f"not {what}"
         raise ConfigError(str(where), f"{reason} (move cert.pem and key.pem away for a new "
                           "identity, a new id: pair it again)") from None
-    pem = cert.public_bytes(serialization.Encoding.PEM)
     return Identity(id_of(cert.public_bytes(serialization.Encoding.DER)), str(cert_path),
-                    str(key_path), pem.decode("ascii"))
+                    str(key_path), cert.public_bytes(serialization.Encoding.PEM).decode("ascii"))

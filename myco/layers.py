@@ -12,8 +12,7 @@ always stays on the CPU and is not a unit.
   With integer shares that sum to n_gpu_layers, device k gets exactly tensor_split[k] units.
 - Devices are in llama.cpp's order: RPC devices (RPC0, RPC1, ... in registration order), then
   the local GPUs.  The CPU is never in tensor_split.  A share of 0 gives a device nothing.
-- All-zero (or no) tensor_split with n_gpu_layers > 0 splits by the devices' free memory,
-  which this module cannot predict.
+- An all-zero (or no) tensor_split with n_gpu_layers > 0 splits by free memory (unpredictable).
 """
 
 from __future__ import annotations
@@ -21,31 +20,28 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Sequence
+from itertools import accumulate
 
 CPU = -1  # the device index `assign_layers` uses for the CPU
 
 
 def _f32(x: float) -> float:
-    value: float = struct.unpack("f", struct.pack("f", x))[0]
-    return value
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 def layer_split(shares: Sequence[int]) -> tuple[int, tuple[float, ...]]:
     """(n_gpu_layers, tensor_split) that put shares[0] units on the CPU (the first ones), then
     shares[1] on device 0, shares[2] on device 1, ...; units count the output layer as the last.
-
     ValueError on an empty or negative share list."""
     if not shares or any(s < 0 for s in shares):
         raise ValueError(f"shares must be counts >= 0, CPU first: {list(shares)}")
-    offloaded = tuple(shares[1:])
-    n_gpu_layers = sum(offloaded)
-    return n_gpu_layers, tuple(float(s) for s in offloaded) if n_gpu_layers else ()
+    n_gpu_layers = sum(shares[1:])
+    return n_gpu_layers, tuple(float(s) for s in shares[1:]) if n_gpu_layers else ()
 
 
 def assign_layers(n_layers: int, n_gpu_layers: int, tensor_split: Sequence[float],
                   n_devices: int) -> tuple[int, ...]:
     """The device index (CPU = -1) of each of the n_layers + 1 units, as llama.cpp assigns them.
-
     `tensor_split` is padded with zeros (or cut) to `n_devices`, as llama.cpp reads it.
     ValueError when the split would follow free memory (all-zero split with layers to offload)."""
     units = n_layers + 1
@@ -55,19 +51,11 @@ def assign_layers(n_layers: int, n_gpu_layers: int, tensor_split: Sequence[float
     split = [*tensor_split[:n_devices], *[0.0] * (n_devices - len(tensor_split))]
     if active and not any(split):
         raise ValueError("no tensor_split: llama.cpp would split by free memory")
-    cumulative, total = [], 0.0
-    for share in split:
-        total = _f32(total + _f32(share))
-        cumulative.append(total)
-    cumulative = [_f32(c / total) for c in cumulative] if active else cumulative
-    out = []
-    for unit in range(units):
-        if unit < start or unit - start >= active:
-            out.append(CPU)
-        else:
-            x = _f32(_f32(float(unit - start)) / _f32(float(active)))
-            out.append(bisect.bisect_right(cumulative, x))
-    return tuple(out)
+    cumulative = list(accumulate(split, lambda total, s: _f32(total + _f32(s)), initial=0.0))[1:]
+    cumulative = [_f32(c / cumulative[-1]) for c in cumulative] if active else cumulative
+    return tuple(CPU if unit < start or unit - start >= active else
+                 bisect.bisect_right(cumulative, _f32(_f32(unit - start) / _f32(active)))
+                 for unit in range(units))
 
 
 def layer_shares(n_layers: int, n_gpu_layers: int, tensor_split: Sequence[float],

@@ -16,7 +16,6 @@ import signal
 import sys
 
 PARENT = "MYCO_PARENT_PID"
-_PR_SET_PDEATHSIG = 1
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -25,11 +24,9 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Receive `sig` when the parent dies (SIGTERM: to stop cleanly).  Exits at once if the
-    parent named in $MYCO_PARENT_PID died before this call could take effect."""
+    """Receive `sig` when the parent dies (SIGTERM: to stop cleanly); exit if it already has."""
     if sys.platform != "linux":
         return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
-    parent = os.environ.get(PARENT)
-    if parent and os.getppid() != int(parent):
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1: PR_SET_PDEATHSIG
+    if (parent := os.environ.get(PARENT)) and os.getppid() != int(parent):
         sys.exit("the process that started this one is gone")

@@ -1,6 +1,4 @@
-"""Relay an upstream HTTP response to a litestar client.
-
-Used by the gateway (to nodes and upstreams) and by the node agent (to its model runners).
+"""Relay the HTTP response of a node, an upstream or a model runner to a litestar client.
 
 - Only allowlisted response headers pass (`relay_headers`): content type, rate-limit and retry
   hints, request ids.  Cookies, CORS grants and any `x-myco-*` of the hop are dropped: the
@@ -10,9 +8,8 @@ Used by the gateway (to nodes and upstreams) and by the node agent (to its model
   request body has been read; see `unless_gone`).  A failure while reading, or an answer over
   `max_body` bytes (the upstream connection is then closed), raises `TargetLost`: nothing has
   reached the client, so the caller may send the request elsewhere.
-
-The upstream response is always closed; then `closed` is called (the node agent holds a
-request's place in its queue until then).
+- The upstream response is always closed; then `closed` is called (the node agent holds a
+  request's place in its queue until then).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from litestar.response import Stream
 
 from myco.errors import MycoError, TargetFailed, encode_error
 
-# What an answer may carry from the hop behind us; everything else is dropped.
 _ALLOWED = frozenset({"content-type", "retry-after", "retry-after-ms", "x-request-id",
                       "request-id", "openai-processing-ms"})
 _ALLOWED_PREFIXES = ("x-ratelimit-", "ratelimit", "anthropic-ratelimit-")
@@ -51,7 +47,6 @@ class Relayed(Protocol):
     """What the relay needs of a response: httpx.Response and gateway.pool.PooledResponse."""
 
     status_code: int
-
     @property
     def headers(self) -> Mapping[str, str]: ...
     def aiter_raw(self) -> AsyncIterator[bytes]: ...
@@ -78,8 +73,7 @@ async def relay(response: Relayed, extra_headers: dict[str, str],
         finally:
             await response.aclose()
             closed()
-        return Response(body, status_code=response.status_code, headers=headers,
-                        media_type=media)
+        return Response(body, status_code=response.status_code, headers=headers, media_type=media)
     return Stream(_chunks(response, closed), status_code=response.status_code, headers=headers,
                   media_type="text/event-stream")
 

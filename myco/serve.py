@@ -26,32 +26,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket, scheme: str = "http") -> str:
-    host, port = sock.getsockname()[:2]
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-def serve(app: Any, sock: socket.socket, what: str,
-          tls: ssl.SSLContext | None = None,
+def serve(app: Any, sock: socket.socket, what: str, tls: ssl.SSLContext | None = None,
           limits: ConnectionLimits | None = None) -> None:
-    """Serve on `sock` (see `bind`) until SIGINT/SIGTERM; print `<what> listening on <url>`
-    once accepting.  With `tls` (see myco/tls.py) every connection is TLS with that context.
-    Connections are held to `limits` (myco/guard.py: its defaults); no WebSocket is accepted."""
-    url = url_of(sock, "https" if tls else "http")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, ws="none",
-                            http=protocol(limits or ConnectionLimits()),
-                            ssl_context_factory=(lambda *_: tls) if tls else None)
-    server = uvicorn.Server(config)
+    """Serve on `sock` (see `bind`) until SIGINT/SIGTERM, TLS with `tls`, held to `limits` (else
+    guard's defaults), no WebSocket; print `<what> listening on <url>` once accepting."""
+    host, port = sock.getsockname()[:2]
+    url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+        ws="none", http=protocol(limits or ConnectionLimits()),
+        ssl_context_factory=(lambda *_: tls) if tls else None))
 
     async def main() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if task.done():
-                await task
-                return
+        while not (server.started or task.done()):
             await asyncio.sleep(0.01)
-        print(f"{what} listening on {url}", flush=True)
+        if server.started:
+            print(f"{what} listening on {url}", flush=True)
         await task
 
     # uvicorn re-raises the SIGINT it handled, after its graceful shutdown: that is our exit.

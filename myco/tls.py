@@ -6,10 +6,9 @@ check each other differently, because Python's `ssl` has no verify callback:
 - A server (a node agent) requires a client certificate and trusts exactly the certificates it
   was paired with: each is loaded as a trust anchor (`trust`: exactly one, or a second one
   smuggled behind it would be trusted too), so OpenSSL refuses anyone else in the handshake.
-- A client (the gateway, a head node) knows only the id it expects.  It skips chain
-  verification and compares the fingerprint of the certificate the server presented with the
-  pinned id (`check_peer`) before it sends a single byte.  No hostname is involved: an id names
-  a key, not an address.
+- A client (the gateway, a head node) knows only the id it expects: it skips chain verification
+  and checks the fingerprint of the presented certificate against that id (`check_peer`) before
+  it sends a byte.  No hostname is involved: an id names a key, not an address.
 """
 
 from __future__ import annotations
@@ -79,8 +78,7 @@ def peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
 
 def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pinned: str) -> str:
     """The peer's id; `IdentityMismatch` unless it is `pinned`."""
-    found = peer_id(ssl_object)
-    if found is None:
+    if (found := peer_id(ssl_object)) is None:
         raise IdentityMismatch("the peer presented no certificate")
     if found != pinned:
         raise IdentityMismatch(f"identity mismatch: expected {pinned}, the peer is {found}")

@@ -85,12 +85,11 @@ def up(args: argparse.Namespace, grace: float = 10.0) -> None:
             stdout=subprocess.PIPE, text=True, start_new_session=True,
             env=lifeline.env(MYCO_GATEWAY_LOCAL_NODE_ID=node_id.id))
         procs.append(gateway)
-        assert gateway.stdout is not None
-        line = gateway.stdout.readline()
-        if not line:
+        stdout = gateway.stdout
+        assert stdout is not None
+        if not (line := stdout.readline()):
             raise SystemExit("myco: the gateway did not start")
         print(line, end="", flush=True)
-        stdout = gateway.stdout
         threading.Thread(target=lambda: [print(x, end="", flush=True) for x in stdout],
                          daemon=True).start()  # keep the pipe drained
         url = line.rsplit(" ", 1)[-1].strip()
@@ -108,8 +107,7 @@ def up(args: argparse.Namespace, grace: float = 10.0) -> None:
         for sig in (signal.SIGHUP, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # a second one must not cut the stopping short
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGINT)  # does nothing to one that has exited
         for p in procs:
             try:
                 p.wait(grace)

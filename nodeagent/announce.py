@@ -37,8 +37,7 @@ class Announcer:
     async def start(self) -> None:
         """Begin announcing; probing and the first announcements go on in the background."""
         self._zc = AsyncZeroconf(interfaces=[self._interface], ip_version=IPVersion.V4Only)
-        self._registering = await self._zc.async_register_service(self.info,
-                                                                  allow_name_change=True)
+        self._registering = await self._zc.async_register_service(self.info, allow_name_change=True)
 
     async def stop(self) -> None:
         if self._zc is not None:

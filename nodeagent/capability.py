@@ -48,7 +48,6 @@ def kv_cache_bytes_per_layer(meta: ModelMeta, n_ctx: int) -> int:
 
 
 def kv_cache_bytes(meta: ModelMeta, n_ctx: int) -> int:
-    """f16 K and V for every layer at the context the node will use."""
     return meta.n_layers * kv_cache_bytes_per_layer(meta, n_ctx)
 
 
@@ -68,12 +67,10 @@ def usable_gpu(hw: Hardware) -> tuple[int, str]:
     """Bytes one model may use on a GPU, and a label for it (0, "" without a GPU)."""
     if hw.unified_memory:
         return int(hw.ram_total * APPLE_GPU_SHARE), f"{hw.cpu_model} (unified memory)"
-    nvidia = [g for g in hw.gpus if g.vendor == "nvidia"]
-    if not nvidia:
-        return 0, ""
     # No multi-GPU split yet: a model goes on one GPU, so the one with the most free memory.
-    best = max(nvidia, key=lambda g: g.memory_free)
-    return best.memory_free, best.name
+    best = max((g for g in hw.gpus if g.vendor == "nvidia"), key=lambda g: g.memory_free,
+               default=None)
+    return (best.memory_free, best.name) if best is not None else (0, "")
 
 
 def _gib(n: int) -> str:
@@ -85,33 +82,28 @@ def fit_model(meta: ModelMeta, n_ctx: int, gpu: int, gpu_name: str, ram: int, *,
     """Where one model fits, given the usable GPU and RAM bytes; GPU first."""
     kv = kv_cache_bytes(meta, n_ctx)
     need = meta.file_size + kv + compute_buffer
+    fit: Fit
     if gpu and need <= gpu:
-        fit: Fit = "gpu"
-        reason = f"needs {_gib(need)}, {_gib(gpu)} free on {gpu_name}"
+        fit, reason = "gpu", f"needs {_gib(need)}, {_gib(gpu)} free on {gpu_name}"
     elif need <= ram:
         fit, reason = "ram", f"needs {_gib(need)}, {_gib(ram)} of RAM free"
     else:
-        fit = "none"
         on_gpu = f"{_gib(gpu)} free on {gpu_name} and " if gpu else ""
-        reason = f"needs {_gib(need)}, only {on_gpu}{_gib(ram)} of RAM free"
+        fit, reason = "none", f"needs {_gib(need)}, only {on_gpu}{_gib(ram)} of RAM free"
     return ModelFit(meta.id, fit, need, meta.file_size, kv, reason)
 
 
 def classify(hw: Hardware, models: Sequence[ModelMeta], n_ctx: int, *,
              compute_buffer: int = COMPUTE_BYTES, ram_reserve: int = RAM_RESERVE,
              memory_limit: int | None = None) -> Capabilities:
-    """The node's role and each model's fit, at a context of `n_ctx` tokens.
-
-    Usable RAM is what is available minus `ram_reserve` (never negative); every model also needs
-    `compute_buffer` bytes besides its weights and KV cache.  `memory_limit` (bytes) caps both
-    usable RAM and usable GPU memory.
-    """
+    """The node's role and each model's fit, at a context of `n_ctx` tokens.  Usable RAM is what
+    is available minus `ram_reserve` (never negative); every model also needs `compute_buffer`
+    bytes besides its weights and KV cache.  `memory_limit` (bytes) caps usable RAM and GPU."""
     gpu, gpu_name = usable_gpu(hw)
     # Unified memory is one pool: a model on the "GPU" is in RAM too.
     ram = max(0, hw.ram_available - ram_reserve)
     if memory_limit is not None:
         gpu, ram = min(gpu, memory_limit), min(ram, memory_limit)
     role = next(rule.role for rule in ROLE_RULES if rule.holds(gpu, ram))
-    fits = tuple(fit_model(m, n_ctx, gpu, gpu_name, ram, compute_buffer=compute_buffer)
-                 for m in models)
-    return Capabilities(role, gpu, ram, fits)
+    return Capabilities(role, gpu, ram, tuple(
+        fit_model(m, n_ctx, gpu, gpu_name, ram, compute_buffer=compute_buffer) for m in models))

@@ -16,8 +16,7 @@ one certificate (a second one behind it would be trusted too):
 A malformed file, or a certificate whose fingerprint is not its id, raises `PairingError` (a
 `ConfigError`) naming the file and the reason; start-up stops on it.  `add` edits the file with
 tomlkit: what the person wrote there stays as it was.  While the node runs, `follow` trusts
-gateways paired since (a removal takes effect at the next start: OpenSSL's trust store only
-grows).
+gateways paired since (a removal takes effect at the next start: OpenSSL's trust store only grows).
 """
 
 from __future__ import annotations
@@ -70,10 +69,8 @@ def load(state_dir: Path) -> dict[str, str]:
 def add(state_dir: Path, gateway_id: str, pem: str, name: str = "") -> bool:
     """Pair a gateway (False if it already was); ValueError unless `pem` is exactly one
     certificate, `gateway_id`'s.  The file's other lines are kept as they were."""
-    expected = parse_id(gateway_id)
-    pem = single_certificate(pem)
-    found = certificate_id(pem)
-    if found != expected:
+    expected, pem = parse_id(gateway_id), single_certificate(pem)
+    if (found := certificate_id(pem)) != expected:
         raise ValueError(f"the certificate offered is {found}, not {expected}")
     if expected in load(state_dir):
         return False
@@ -94,14 +91,12 @@ async def follow(state_dir: Path, context: ssl.SSLContext, known: set[str], *,
     while True:
         await asyncio.sleep(interval)
         try:
-            stamp = path.stat().st_mtime_ns
+            if (stamp := path.stat().st_mtime_ns) == seen:
+                continue
+            seen = stamp
+            paired = load(state_dir)
         except OSError:
             continue
-        if stamp == seen:
-            continue
-        seen = stamp
-        try:
-            paired = load(state_dir)
         except PairingError as exc:
             log.warning("not reloaded: %s", exc)
             continue

@@ -5,9 +5,8 @@ The model id is the file stem, unless `models.toml` in the directory gives it an
     [aliases]
     "gemma-3-270m-q4_k_m" = "gemma3"
 
-An invalid `models.toml`, or two files that end up with one id, raises `ConfigError` naming the
-file (and, for TOML errors, the line).  A `*.gguf` that cannot be read or parsed is skipped with a
-warning, once per version of the file.
+An invalid `models.toml`, or two files with one id, raises `ConfigError` naming the file (and,
+for TOML errors, the line); an unreadable `*.gguf` is skipped with a warning, once per version.
 """
 
 from __future__ import annotations
@@ -66,10 +65,8 @@ def meta_from_gguf(model_id: str, path: Path, header: Header, size: int) -> Mode
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return int(value) if ok else default
 
-    n_embd = num("embedding_length", 0)
-    n_head = num("attention.head_count", 1) or 1
-    template = kv.get("tokenizer.chat_template")
-    name = kv.get("general.name")
+    n_embd, n_head = num("embedding_length", 0), num("attention.head_count", 1) or 1
+    template, name = kv.get("tokenizer.chat_template"), kv.get("general.name")
     return ModelMeta(
         id=model_id, path=str(path), architecture=arch, file_size=size,
         n_layers=num("block_count", 0), context_length=num("context_length", 0),
@@ -108,21 +105,15 @@ class ModelStore:
         self._lock = threading.Lock()
 
     def _load(self, path: Path) -> _CacheKey:
-        """Parse `path` into the cache unless this version of it is there; failures are cached
-        too (as None), so each is logged once."""
+        """Parse `path` once per version into the cache; failures are cached (None), logged once."""
+        key: _CacheKey = (str(path), -1.0, -1)  # stat failed: a dangling symlink, or gone
         try:
             stat = path.stat()
-        except OSError as exc:  # a dangling symlink, or gone since the glob
-            key: _CacheKey = (str(path), -1.0, -1)
+            key = (str(path), stat.st_mtime, stat.st_size)
             if key not in self._cache:
-                log.warning("skipping %s: %s", path, exc)
-                self._cache[key] = None
-            return key
-        key = (str(path), stat.st_mtime, stat.st_size)
-        if key not in self._cache:
-            try:
                 self._cache[key] = meta_from_gguf("", path, read_header(path), stat.st_size)
-            except (GGUFError, OSError) as exc:
+        except (GGUFError, OSError) as exc:
+            if key not in self._cache:
                 log.warning("skipping %s: %s", path, exc)
                 self._cache[key] = None
         return key
@@ -132,16 +123,13 @@ class ModelStore:
         disk, so the agent calls it off the event loop; threads may call it at once."""
         if not self.directory.is_dir():
             return []
-        toml = self.directory / "models.toml"
-        aliases = read_aliases(toml)
+        aliases = read_aliases(toml := self.directory / "models.toml")
         with self._lock:  # one thread at a time updates the cache
             keys = {path: self._load(path) for path in sorted(self.directory.glob("*.gguf"))}
             self._cache = {key: self._cache[key] for key in keys.values()}  # forget old ones
-            metas = {path: self._cache[key] for path, key in keys.items()}
+            metas = {path: m for path, key in keys.items() if (m := self._cache[key]) is not None}
         by_id: dict[str, ModelMeta] = {}
         for path, meta in metas.items():
-            if meta is None:
-                continue
             model_id = aliases.get(path.stem, path.stem)
             if model_id in by_id:
                 raise ConfigError(str(toml), f"model id {model_id!r} names both "
@@ -150,5 +138,4 @@ class ModelStore:
         return sorted(by_id.values(), key=lambda m: m.id)
 
     def get(self, model_id: str) -> ModelMeta | None:
-        """The model with this id, or None."""
         return next((m for m in self.list() if m.id == model_id), None)

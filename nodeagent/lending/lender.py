@@ -77,8 +77,7 @@ class Lease:
 def _socket_from(control: socket.socket) -> socket.socket:
     """A new TCP socket made by the rpc worker at the other end of `control` (SCM_RIGHTS)."""
     control.sendall(b"s")
-    _, fds, _, _ = socket.recv_fds(control, 1, 1)
-    if not fds:
+    if not (fds := socket.recv_fds(control, 1, 1)[1]):
         raise ConnectionError("the rpc worker is gone")
     return socket.socket(fileno=fds[0])
 
@@ -102,14 +101,12 @@ class Lender:
         self.cache = WeightCache(cache_dir, cache_limit)
         self.protocol: RpcVersion | None = None
         self.leases: dict[str, Lease] = {}  # device -> lease
-        self._host, self._threads = host, threads
+        self._host, self._threads, self._lock = host, threads, asyncio.Lock()
         self._idle, self._limit, self._ready_timeout = idle, memory_limit, ready_timeout
         self._gpus: list[str] = []
-        self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Find out what this build can lend; if anything, open the tunnel exit and the reaper."""
         self.protocol, self._gpus = await asyncio.to_thread(_build)
         if self.protocol is None:
             log.info("this llama.cpp build has no RPC (-DGGML_RPC=on): this node lends nothing")
@@ -144,7 +141,7 @@ class Lender:
     async def lease(self, req: LeaseRequest) -> protocol.Lease:
         """Lend `req.device` to the head; BadRequest for a bad id, certificate or device,
         Unavailable without RPC, when the device or the head is in use, or the worker fails."""
-        if self.protocol is None:
+        if (version := self.protocol) is None:
             raise Unavailable("this node's llama.cpp was built without RPC (-DGGML_RPC=on): "
                               "it lends no device")
         if req.device not in ("CPU", *self._gpus):
@@ -155,8 +152,7 @@ class Lender:
         except ValueError as exc:
             raise BadRequest(f"invalid head_id or head_certificate: {exc}") from None
         if found != head:
-            raise BadRequest(f"head_certificate is {found}, not {head}",
-                             param="head_certificate")
+            raise BadRequest(f"head_certificate is {found}, not {head}", param="head_certificate")
         async with self._lock:
             lease = self.leases.get(req.device)
             if lease is None or not lease.alive or (lease.head, lease.model) != (head, req.model):
@@ -172,8 +168,7 @@ class Lender:
             lease.seen = time.monotonic()
         log.info("lent %s to head %s for %s (rpc worker 127.0.0.1:%d, pid %d)", req.device,
                  head, req.model, lease.port, lease.process.pid)
-        assert self.protocol is not None
-        return protocol.Lease(self.exit.port, self.protocol, req.device, lease.port)
+        return protocol.Lease(self.exit.port, version, req.device, lease.port)
 
     async def _start_worker(self, head: str, model: str, device: str) -> Lease:
         ours, theirs = socket.socketpair()

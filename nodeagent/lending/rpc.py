@@ -5,12 +5,11 @@ Every ggml function is reached through the library llama-cpp-python itself loade
 backend's registry entry, as llama.cpp's own `--rpc` flag does.  Loading libggml.so by path would
 give a second, empty device registry whose devices the model never uses.
 
-Worker side: `serve_worker` serves one device (the CPU, or a GPU by name) and blocks; run it in
-a process of its own (`python -m nodeagent.lending.rpcworker`).  Head side (a runner): `probe`
-every worker, then `add_servers` before the model is loaded; the devices are named RPC0, RPC1,
-... in that order.
-A head aborts (SIGABRT) when a worker is unreachable at registration or dies later, so it must be
-a supervised child process, and workers must be probed first.
+Worker side: `serve_worker` serves one device (the CPU, or a GPU by name) and blocks; run it in a
+process of its own (`python -m nodeagent.lending.rpcworker`).  Head side (a runner): `probe` every
+worker, then `add_servers` before the model is loaded; the devices are named RPC0, RPC1, ... in that
+order.  A head aborts (SIGABRT) when a worker is unreachable at registration or dies later, so it
+must be a supervised child process, and workers must be probed first.
 
 The protocol version: the RPC library exposes no symbol for it; `protocol_version` reads the
 RPC_PROTO_*_VERSION constants from the ggml-rpc.h that the same llama-cpp-python wheel installed,
@@ -37,8 +36,7 @@ from typing import Any
 
 from myco.protocol import RpcVersion
 
-_HELLO = 14
-_CAPS = 24
+_HELLO, _CAPS = 14, 24
 _DEVICE_CPU = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
 _P = ctypes.c_void_p
 
@@ -59,10 +57,7 @@ def probe(host: str, port: int, timeout: float) -> RpcVersion:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(struct.pack("<BQ", _HELLO, _CAPS) + bytes(_CAPS))
             reply = b""
-            while len(reply) < 8 + 4 + _CAPS:
-                chunk = sock.recv(64)
-                if not chunk:
-                    break
+            while len(reply) < 8 + 4 + _CAPS and (chunk := sock.recv(64)):
                 reply += chunk
     except TimeoutError:
         raise RpcError(f"rpc worker {where} did not answer HELLO within {timeout:g} s "
@@ -73,19 +68,14 @@ def probe(host: str, port: int, timeout: float) -> RpcVersion:
         raise RpcError(f"rpc worker {where} hung up at HELLO (another protocol version?)")
     if len(reply) < 12 or struct.unpack_from("<Q", reply)[0] != 4 + _CAPS:
         raise RpcError(f"{where} is not an rpc worker of a known protocol (reply {reply[:12]!r})")
-    major, minor, patch = reply[8:11]
-    return major, minor, patch
-
-
-def _lib() -> Any:
-    from llama_cpp import llama_cpp  # the node's extra; never imported by the gateway
-
-    return llama_cpp._lib
+    return reply[8], reply[9], reply[10]
 
 
 def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
     """A ggml function, typed without touching the shared library object's attributes."""
-    return ctypes.CFUNCTYPE(restype, *argtypes)((name, _lib()))
+    from llama_cpp import llama_cpp  # the node's extra; never imported by the gateway
+
+    return ctypes.CFUNCTYPE(restype, *argtypes)((name, llama_cpp._lib))
 
 
 def _registry_fn(name: str, restype: Any, *argtypes: Any) -> Any:
@@ -112,8 +102,7 @@ def protocol_version() -> RpcVersion | None:
     if not supported():
         return None
     files = metadata.files("llama_cpp_python") or []
-    header = next((f for f in files if f.name == "ggml-rpc.h"), None)
-    if header is None:
+    if (header := next((f for f in files if f.name == "ggml-rpc.h"), None)) is None:
         return None
     text = header.read_text()
     parts = [re.search(rf"#define\s+RPC_PROTO_{p}_VERSION\s+(\d+)", text)
@@ -126,15 +115,13 @@ def protocol_version() -> RpcVersion | None:
 
 def device_names() -> list[str]:
     """Every ggml device of this process (CPU, CUDA0, ..., and RPC devices once added)."""
-    count = _fn("ggml_backend_dev_count", ctypes.c_size_t)()
     get = _fn("ggml_backend_dev_get", _P, ctypes.c_size_t)
     name = _fn("ggml_backend_dev_name", ctypes.c_char_p, _P)
-    return [name(get(i)).decode() for i in range(count)]
+    return [name(get(i)).decode() for i in range(_fn("ggml_backend_dev_count", ctypes.c_size_t)())]
 
 
 def serve_worker(host: str, port: int, cache_dir: str, threads: int, device: str = "CPU") -> None:
     """Serve `device` ("CPU", or a GPU such as "CUDA0") to one head at a time; blocks forever.
-
     Creates `cache_dir` (ggml does not, and then drops cached weights silently).  Refuses a
     host that is not loopback: the protocol has no authentication.  RpcError if the device does
     not exist or the server could not listen (it returns only then)."""
@@ -144,10 +131,8 @@ def serve_worker(host: str, port: int, cache_dir: str, threads: int, device: str
         loopback = False
     if not loopback:
         raise RpcError(f"refusing to serve RPC on {host}: workers listen on a loopback IP address")
-    if device == "CPU":
-        dev = _fn("ggml_backend_dev_by_type", _P, ctypes.c_int)(_DEVICE_CPU)
-    else:
-        dev = _fn("ggml_backend_dev_by_name", _P, ctypes.c_char_p)(device.encode())
+    dev = _fn("ggml_backend_dev_by_type", _P, ctypes.c_int)(_DEVICE_CPU) if device == "CPU" \
+        else _fn("ggml_backend_dev_by_name", _P, ctypes.c_char_p)(device.encode())
     if not dev:
         raise RpcError(f"no device {device!r}; this build has {', '.join(device_names())}")
     os.makedirs(cache_dir, exist_ok=True)
@@ -160,7 +145,6 @@ def serve_worker(host: str, port: int, cache_dir: str, threads: int, device: str
 def add_servers(endpoints: Sequence[str]) -> list[str]:
     """Register each worker ("host:port") with ggml, in order, for models loaded afterwards in
     this process; returns the device names they got (RPC0, RPC1, ...).
-
     Probe the workers first: an unreachable one aborts this process inside ggml.
     ValueError on a repeated endpoint (ggml would list its devices twice)."""
     if len(set(endpoints)) != len(endpoints):
@@ -172,8 +156,7 @@ def add_servers(endpoints: Sequence[str]) -> list[str]:
     name = _fn("ggml_backend_dev_name", ctypes.c_char_p, _P)
     names: list[str] = []
     for endpoint in endpoints:
-        reg = add(endpoint.encode())
-        if not reg:
+        if not (reg := add(endpoint.encode())):
             raise RpcError(f"rpc worker {endpoint} offers no devices")
         register(reg)
         names += [name(get(reg, i)).decode() for i in range(count(reg))]

@@ -13,11 +13,10 @@ of its own, and answers each byte read on that socket with a new TCP socket of t
 binds TCP itself and sets TCP_NODELAY on what it accepts: a Unix socket cannot stand in).  Where
 Linux allows no such namespace (not root, no user namespaces), it warns and serves on the host.
 
-`--port 0` lets the system pick a free port: ggml cannot report the port it bound, so we find
-our own listening socket with psutil, then confirm it with a HELLO probe.  Exit status 1 when
-the server cannot start (port in use, unknown device), 2 on bad arguments.  ggml itself prints
-a banner and "Accepted client connection" lines on stdout.  It dies with the process that
-started it (nodeagent/child.py).
+`--port 0` lets the system pick a free port: ggml cannot report the port it bound, so we find our
+own listening socket with psutil, then confirm it with a HELLO probe.  Exit status 1 when the server
+cannot start (port in use, unknown device), 2 on bad arguments.  ggml itself prints a banner and
+"Accepted client connection" lines on stdout.  It dies with its parent (nodeagent/child.py).
 """
 
 from __future__ import annotations
@@ -46,11 +45,9 @@ _SIOCSIFFLAGS, _IFF_UP, _IFF_LOOPBACK = 0x8914, 0x1, 0x8
 
 def _listening_port(port: int) -> int | None:
     """Our process's listening port on HOST (`port`, or any when 0), if it has one yet."""
-    for conn in psutil.Process().net_connections(kind="tcp4"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == HOST \
-                and (port == 0 or conn.laddr.port == port):
-            return int(conn.laddr.port)
-    return None
+    return next((int(c.laddr.port) for c in psutil.Process().net_connections(kind="tcp4")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.ip == HOST
+                 and port in (0, c.laddr.port)), None)
 
 
 def _isolate() -> int:
@@ -65,8 +62,7 @@ def _isolate() -> int:
             Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
             Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
         with socket.socket() as sock:
-            fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo",
-                                                         _IFF_UP | _IFF_LOOPBACK))
+            fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", _IFF_UP | _IFF_LOOPBACK))
     except OSError as exc:
         return exc.errno or 1
     return 0
@@ -77,8 +73,7 @@ def _private_network() -> str | None:
     Call it before any thread starts: a user namespace needs a single thread."""
     if sys.platform != "linux":
         return f"no network namespaces on {sys.platform}"
-    pid = os.fork()
-    if pid == 0:  # a trial run first: a half-done move could not be undone
+    if (pid := os.fork()) == 0:  # a trial run first: a half-done move could not be undone
         os._exit(_isolate())
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     error = _isolate() if status == 0 else status

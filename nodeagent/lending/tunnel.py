@@ -17,7 +17,6 @@ worker on another host through this tunnel and nothing else:
 Errors: nothing is raised to the caller once listening.  A failed handshake, pin, grant or
 dial closes that connection at once (llama.cpp fails fast instead of hanging) and is logged;
 each connection logs one line when it is refused or closed, and one when it is opened.
-When either side of a relayed connection ends, the other is closed as well.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ class Refused(Exception):
 def _nodelay(writer: asyncio.StreamWriter) -> None:
     # RPC waits for one round trip per graph compute: never hold back a small write.
     # (asyncio's selector loop sets this too; the tunnel must not depend on that.)
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
+    if (sock := writer.get_extra_info("socket")) is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -76,10 +74,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 async def relay(a: Stream, b: Stream, timeout: float, counts: list[int]) -> None:
     """Copy bytes both ways until either side ends or fails, then close both.
-
     Adds the bytes copied a -> b to counts[0] and b -> a to counts[1] as they go.  A half-close
-    ends the relay: RPC never half-closes, and a peer that stopped sending is gone.
-    """
+    ends the relay: RPC never half-closes, and a peer that stopped sending is gone."""
     pumps = {asyncio.create_task(_pump(a[0], b[1], counts, 0)),
              asyncio.create_task(_pump(b[0], a[1], counts, 1))}
     try:
@@ -108,24 +104,18 @@ class _Listener:
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("not listening; call start() first")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    async def _listen(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._accept, host, port)
-        return self.port
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = None
         _nodelay(writer)
+        # revoke() or close() cancels it; the relay closed both sides.  Python 3.11's
+        # start_server logs an error for a handler task that ends cancelled.
         try:
-            await self._handle(task, reader, writer)
-        except asyncio.CancelledError:
-            # revoke() or close() ended it; the relay closed both sides.  Python 3.11's
-            # start_server logs an error for a handler task that ends cancelled.
-            pass
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._handle(task, reader, writer)
         finally:
             del self._tasks[task]
 
@@ -147,9 +137,8 @@ class _Listener:
         return list(self._tasks.values()).count(peer)
 
     def _end(self, peer: str | None = None) -> None:
-        for task, found in list(self._tasks.items()):
-            if peer is None or found == peer:
-                task.cancel()
+        for task in [t for t, found in self._tasks.items() if peer is None or found == peer]:
+            task.cancel()
 
     async def close(self) -> None:
         """Stop listening and end every connection."""
@@ -177,17 +166,13 @@ class TunnelExit(_Listener):
         self._context = tls.server_context(identity, ())
 
     async def start(self, host: str, port: int = 0) -> int:
-        """Listen on (host, port); returns the bound port."""
-        return await self._listen(host, port)
+        self._server = await asyncio.start_server(self._accept, host, port)
+        return self.port
 
     def grant(self, peer_id: str, peer_cert_pem: str, target: int | Dial) -> None:
         """Let `peer_id` reach 127.0.0.1:`target`, or what `target()` connects to (replacing a
-        previous grant).
-
-        ValueError unless the certificate is exactly one, and `peer_id`'s.
-        """
-        found = tls.certificate_id(peer_cert_pem)
-        if found != peer_id:
+        previous grant).  ValueError unless the certificate is exactly one, and `peer_id`'s."""
+        if (found := tls.certificate_id(peer_cert_pem)) != peer_id:
             raise ValueError(f"the certificate is {found}, not {peer_id}")
         tls.trust(self._context, peer_cert_pem)  # OpenSSL can only add
         self._grants[peer_id] = (peer_cert_pem, target)
@@ -212,8 +197,7 @@ class TunnelExit(_Listener):
                 raise Refused("not granted")
             self._tasks[task] = peer
             target = self._grants[peer][1]
-            first = await reader.read(CHUNK)
-            if not first:
+            if not (first := await reader.read(CHUNK)):
                 raise Refused("closed before sending anything")
             dial = asyncio.open_connection("127.0.0.1", target) if isinstance(target, int) \
                 else target()
@@ -234,21 +218,19 @@ class TunnelEntrance(_Listener):
     def __init__(self, identity: Identity, remote_host: str, remote_port: int, remote_id: str,
                  *, timeout: float = 10.0) -> None:
         super().__init__("tunnel entrance", timeout)
-        self.remote = (remote_host, remote_port)
-        self.remote_id = remote_id
+        self.remote, self.remote_id = (remote_host, remote_port), remote_id
         self._context = tls.client_context(identity)
 
     async def start(self, port: int = 0) -> int:
-        """Listen on 127.0.0.1:`port`; returns the bound port."""
-        return await self._listen("127.0.0.1", port)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
+        return self.port
 
     async def _handle(self, task: asyncio.Task[Any], reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         where = f"{self.remote[0]}:{self.remote[1]}"
         try:
             exit_ = await asyncio.wait_for(asyncio.open_connection(
-                *self.remote, ssl=self._context, ssl_handshake_timeout=self.timeout),
-                self.timeout)
+                *self.remote, ssl=self._context, ssl_handshake_timeout=self.timeout), self.timeout)
         except OSError as exc:
             log.warning("tunnel entrance: refused, %s unreachable: %s", where, _why(exc))
             await _close(self.timeout, writer)

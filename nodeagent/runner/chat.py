@@ -12,9 +12,8 @@ GGUF has none, so Gemma-family models without one get Gemma's documented turn fo
 Gemma has no system or tool role and needs user/model to alternate, so system and developer
 text opens the first user turn (as Gemma's own template does), tool results become user turns
 `<tool_response name="...">...</tool_response>`, consecutive turns of one role are merged, and
-tool calls are written as `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, the same
-form that `nodeagent.runner.tools` constrains the model to produce.  With tools, the first user turn
-starts with a short preamble listing them as JSON.
+tool calls are written as `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, the form
+`nodeagent.runner.tools` constrains the model to; the first user turn lists any tools as JSON.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ def tool_preamble(tools: list[Tool]) -> str:
 
 def render_call(call: dict[str, Any]) -> str:
     function = call.get("function", {})
-    arguments = function.get("arguments") or "{}"
     return f'{CALL_OPEN}{{"name": {json.dumps(function.get("name", ""))}, ' \
-           f'"arguments": {arguments}}}{CALL_CLOSE}'
+           f'"arguments": {function.get("arguments") or "{}"}}}{CALL_CLOSE}'
 
 
 def gemma_turns(messages: list[Message], tools: list[Tool] | None) -> list[tuple[str, str]]:
@@ -60,9 +58,8 @@ def gemma_turns(messages: list[Message], tools: list[Tool] | None) -> list[tuple
         if m.role == "assistant":
             role, text = "model", _text(m.content) + "".join(map(render_call, m.tool_calls or []))
         elif m.role == "tool":
-            role = "user"
-            text = f'<tool_response name="{m.name or m.tool_call_id or ""}">' \
-                   f"{_text(m.content)}</tool_response>"
+            role, text = "user", f'<tool_response name="{m.name or m.tool_call_id or ""}">' \
+                                 f"{_text(m.content)}</tool_response>"
         else:
             role, text = "user", _text(m.content)
         if turns and turns[-1][0] == role:
@@ -76,9 +73,8 @@ def gemma_turns(messages: list[Message], tools: list[Tool] | None) -> list[tuple
 
 
 def render_gemma(messages: list[Message], tools: list[Tool] | None) -> str:
-    turns = gemma_turns(messages, tools)
-    body = "".join(f"<start_of_turn>{role}\n{text}{GEMMA_STOP}\n" for role, text in turns)
-    return body + "<start_of_turn>model\n"
+    return "".join(f"<start_of_turn>{role}\n{text}{GEMMA_STOP}\n"
+                   for role, text in gemma_turns(messages, tools)) + "<start_of_turn>model\n"
 
 
 def render_template(template: str, bos: str, eos: str, messages: list[Any],
@@ -88,10 +84,9 @@ def render_template(template: str, bos: str, eos: str, messages: list[Any],
 
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
                                     add_generation_prompt=True)
-    listed: list[Any] = [{"type": "function", "function": {"name": t.function.name,
-                                                "description": t.function.description,
-                                                "parameters": t.function.parameters}}
-              for t in tools or ()]
+    listed: list[Any] = [{"type": "function", "function": {
+        "name": t.function.name, "description": t.function.description,
+        "parameters": t.function.parameters}} for t in tools or ()]
     result = formatter(messages=messages, tools=listed or None)
     stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
     return result.prompt, stop

@@ -87,18 +87,15 @@ def parse(text: str, *, n_gpu_layers: int, tensor_split: Sequence[float],
     sizes: dict[str, dict[str, int]] = {}
     for line in text.splitlines():
         if m := _USING.search(line):
-            devices[m[1]] = m[2]
-            layers[m[1]] = []
+            devices[m[1]], layers[m[1]] = m[2], []
         elif m := _ASSIGNED.search(line):
             layers.setdefault(m[2], []).append(int(m[1]))
         elif m := _BUFFER.search(line):
-            owner = _owner(m[1], devices)
-            per_kind = sizes.setdefault(owner, {})
+            per_kind = sizes.setdefault(_owner(m[1], devices), {})
             per_kind[m[2]] = per_kind.get(m[2], 0) + round(float(m[3]) * 2**20)
     n_units = sum(len(v) for v in layers.values())
     out = tuple(DeviceLoad(name, devices.get(name, "?"), tuple(layers.get(name, ())),
-                           sizes.get(name, {}).get("model", 0), sizes.get(name, {}).get("KV", 0),
-                           sizes.get(name, {}).get("compute", 0))
+                           *(sizes.get(name, {}).get(k, 0) for k in ("model", "KV", "compute")))
                 for name in dict.fromkeys([*devices, *layers]))
     return LoadRecord(max(n_units - 1, 0), out, n_gpu_layers, tuple(tensor_split), load_seconds)
 
@@ -131,10 +128,9 @@ def check(record: LoadRecord, endpoints: Sequence[str]) -> list[str]:
     if remote != list(endpoints):
         problems.append(f"llama.cpp uses RPC devices at {remote}, the runner registered "
                         f"{list(endpoints)}")
-    offload = record.devices[1:]
     try:
         planned = assign_layers(record.n_layers, record.n_gpu_layers, record.tensor_split,
-                                len(offload))
+                                len(record.devices) - 1)
     except ValueError as exc:
         return [*problems, str(exc)]
     for index, device in enumerate(record.devices, start=CPU):

@@ -48,8 +48,7 @@ def check_chat(body: ChatRequest) -> None:
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
         schemas.append(("response_format.json_schema.schema", fmt.json_schema.schema))
-    size = sum(len(msgspec.json.encode(schema)) for _, schema in schemas)
-    if size > MAX_BYTES:
+    if (size := sum(len(msgspec.json.encode(schema)) for _, schema in schemas)) > MAX_BYTES:
         raise BadRequest(f"the tools and schemas take {size} bytes of JSON, at most "
                          f"{MAX_BYTES}", param=schemas[-1][0])
     for param, schema in schemas:
@@ -72,8 +71,7 @@ class _Walk:
             raise self.fail(where, "a schema must be a JSON object")
         if depth > MAX_DEPTH:
             raise self.fail(where, f"schemas may nest at most {MAX_DEPTH} deep")
-        unsupported = sorted(UNSUPPORTED.intersection(node))
-        if unsupported:
+        if unsupported := sorted(UNSUPPORTED.intersection(node)):
             raise self.fail(where, f"`{unsupported[0]}` is not supported: the grammar "
                                    "could not enforce it")
         types = node.get("type", [])
@@ -91,8 +89,7 @@ class _Walk:
             for i, sub in enumerate(node.get(key, [])):
                 self.schema(sub, f"{where}.{key}[{i}]", depth + 1)
         for key in ("properties", "$defs", "definitions"):
-            subs = node.get(key, {})
-            if not isinstance(subs, dict):
+            if not isinstance(subs := node.get(key, {}), dict):
                 raise self.fail(where, f"`{key}` must be an object")
             for name, sub in subs.items():
                 self.schema(sub, f"{where}.{key}.{name[:40]}", depth + 1)
@@ -103,8 +100,7 @@ class _Walk:
             self.schema(node["additionalProperties"], f"{where}.additionalProperties", depth + 1)
 
     def counts(self, node: dict[str, Any], where: str) -> None:
-        pattern = node.get("pattern", "")
-        if not isinstance(pattern, str):
+        if not isinstance(pattern := node.get("pattern", ""), str):
             raise self.fail(where, "`pattern` must be a string")
         bounds = [node.get(k, 0) for k in ("minLength", "maxLength", "minItems", "maxItems")]
         bounds += [int(n) for found in _QUANTIFIER.finditer(pattern) for n in found.groups() if n]

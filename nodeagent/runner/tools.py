@@ -55,8 +55,7 @@ def plan(request: ChatRequest) -> tuple[Mode, str | None]:
     """The generation mode and its GBNF grammar (None: unconstrained)."""
     tools = request.tools if request.tool_choice != "none" else None
     if tools:
-        named = request.chosen_function
-        if named is not None:
+        if (named := request.chosen_function) is not None:
             tools = [t for t in tools if t.function.name == named]
         more = f'( "\\n"? calls-one ){{0,{MAX_PARALLEL - 1}}}' if request.parallel_tool_calls \
             else ""
@@ -66,8 +65,7 @@ def plan(request: ChatRequest) -> tuple[Mode, str | None]:
         if request.tool_choice == "required" or named is not None:
             return "forced", rules + "\nroot ::= calls"
         return "auto", rules + "\ntext ::= [^<]+\nroot ::= calls | text calls?"
-    fmt = request.response_format
-    if fmt is not None and fmt.type == "json_object":
+    if (fmt := request.response_format) is not None and fmt.type == "json_object":
         from llama_cpp.llama_grammar import JSON_GBNF
 
         return "json", JSON_GBNF
@@ -86,11 +84,9 @@ class CallParser:
     """Feed generated text piece by piece; get content and tool-call events back."""
 
     def __init__(self, mode: Mode) -> None:
-        self.buf = ""
-        self.state = {"auto": "undecided", "forced": "between"}.get(mode, "plain")
+        self.buf, self.state = "", {"auto": "undecided", "forced": "between"}.get(mode, "plain")
         self.pos = 0  # how far buf has been turned into events
-        self.calls = 0
-        self._depth = 0
+        self.calls = self._depth = 0
         self._in_string = self._escaped = False
         self._held: list[Event] = []  # events of a parallel call, until it is complete
 
@@ -105,23 +101,19 @@ class CallParser:
 
     def _step(self) -> list[Event]:
         if self.state == "undecided":
-            text = self.buf.lstrip()
-            if text:
+            if text := self.buf.lstrip():
                 self.state = "between" if text[0] == "<" else "content"
             return []
-        if self.state == "plain":  # no tools offered: whatever the text says, it is content
-            text, self.pos = self.buf[self.pos:], len(self.buf)
-            return [Event("content", text)] if text else []
-        if self.state == "content":  # the grammar keeps "<" out of text: it opens a call
-            end = self.buf.find("<", self.pos)
+        if self.state in ("plain", "content"):  # "plain": no tools offered, all text is content
+            # "content": the grammar keeps "<" out of text, so a "<" opens a call
+            end = self.buf.find("<", self.pos) if self.state == "content" else -1
             if end >= 0:
                 self.state = "between"
             end = len(self.buf) if end < 0 else end
             text, self.pos = self.buf[self.pos:end], end
             return [Event("content", text)] if text else []
         if self.state == "between":
-            head = _HEAD.search(self.buf, self.pos)
-            if head is None:
+            if (head := _HEAD.search(self.buf, self.pos)) is None:
                 return []
             self.state, self.pos = "args", head.end()
             self._depth, self._in_string, self._escaped = 0, False, False
@@ -132,9 +124,7 @@ class CallParser:
         if self.calls == 0:
             return events
         self._held += events
-        if not complete:
-            return []
-        released, self._held = self._held, []
+        released, self._held = (self._held, []) if complete else ([], self._held)
         return released
 
     @property
@@ -144,8 +134,7 @@ class CallParser:
 
     def _args(self) -> list[Event]:
         start, end = self.pos, None
-        for i in range(start, len(self.buf)):
-            c = self.buf[i]
+        for i, c in enumerate(self.buf[start:], start):
             if self._escaped:
                 self._escaped = False
             elif self._in_string:
@@ -160,11 +149,9 @@ class CallParser:
                 if self._depth == 0:
                     end = i + 1
                     break
-        stop = end if end is not None else len(self.buf)
-        self.pos = stop
-        events = [Event("args", self.buf[start:stop], self.calls)] if stop > start else []
-        events = self._release(events, complete=end is not None)
+        self.pos = stop = end if end is not None else len(self.buf)
+        events = self._release([Event("args", self.buf[start:stop], self.calls)]
+                               if stop > start else [], complete=end is not None)
         if end is not None:
-            self.state = "between"
-            self.calls += 1
+            self.state, self.calls = "between", self.calls + 1
         return events
