@@ -20,15 +20,15 @@ import msgspec
 NodeId = NewType("NodeId", str)  # a node's identity: the id of its TLS certificate
 GatewayId = NewType("GatewayId", str)
 RpcVersion = tuple[int, int, int]  # ggml RPC protocol: major, minor, patch
+DeviceKind = Literal["gpu", "cpu"]
+Fit = Literal["gpu", "ram", "none"]
+Role = Literal["coordinator", "embeddings", "small-chat", "large-chat", ""]
 
 SERVICE = "_myco._tcp.local."
 SPLIT_HEADER = "x-myco-split"
 TOKENS_PATH = "/chat/tokens"  # under the node's /v1, as /chat/completions
 MiB = 1024**2
 COMPUTE_BYTES = 256 * MiB  # llama.cpp's scratch buffers per device, roughly, for small batches
-
-
-DeviceKind = Literal["gpu", "cpu"]
 
 
 class TokenCount(msgspec.Struct, frozen=True):
@@ -60,10 +60,6 @@ class ModelShape(msgspec.Struct, frozen=True):
         """From the file size alone: input, each layer and the output weigh the same."""
         piece = -(-file_size // (n_layers + 2))
         return cls(n_layers, piece, kv_bytes_per_layer, piece, piece)
-
-
-Fit = Literal["gpu", "ram", "none"]
-Role = Literal["coordinator", "embeddings", "small-chat", "large-chat", ""]
 
 
 class ModelFit(msgspec.Struct, frozen=True):
@@ -133,12 +129,13 @@ class Lent(msgspec.Struct, frozen=True):
 class RunnerState(msgspec.Struct, frozen=True):
     model: str
     pid: int | None
-    pending: int
+    pending: int  # requests generating or waiting for a slot
+    slots: int = 1
+    busy: int | None = None  # slots generating now (None: the runner did not say)
 
 
 class SplitState(Split, frozen=True):
-    """A split runner on its head: the plan, and the runner's load record (which device
-    holds which layers, nodeagent/runner/loadrecord.py)."""
+    """A split runner on its head: its plan and load record (nodeagent/runner/loadrecord.py)."""
 
     record: dict[str, Any] | None = None
 
@@ -157,7 +154,9 @@ class NodeInfo(msgspec.Struct, frozen=True):
     loaded: tuple[str, ...] = ()
     queue: dict[str, int] = {}
     runners: tuple[RunnerState, ...] = ()
-    n_ctx: int = 0
+    n_ctx: int = 0  # per slot
+    slots: int = 0  # per loaded model; 0: not reported (an older or a fake node)
+    threads: int = 0
     rpc: RpcInfo = RpcInfo()
     shapes: dict[str, ModelShape] = {}
     splits: dict[str, SplitState] = {}

@@ -53,25 +53,23 @@ def cmd_node(args: argparse.Namespace) -> None:
     from nodeagent.app import build
     from nodeagent.settings import NodeSettings
 
-    settings = NodeSettings.from_env(host=args.host, port=args.port, models_dir=args.models,
-                                     name=args.name, n_ctx=args.n_ctx,
-                                     queue_size=args.queue_size, state_dir=args.state_dir,
-                                     announce=args.announce, memory_limit=args.memory_limit)
+    settings = NodeSettings.from_env(
+        host=args.host, port=args.port, models_dir=args.models, name=args.name, n_ctx=args.n_ctx,
+        queue_size=args.queue_size, state_dir=args.state_dir, parallel=args.parallel,
+        threads=args.threads, announce=args.announce, memory_limit=args.memory_limit)
     identity = load_or_create(Path(settings.state_dir), settings.name)
     if args.action == "id":
         print(identity.id)
-        return
-    if args.action == "allow":
+    elif args.action == "allow":
         _node_allow(args, Path(settings.state_dir))
-        return
-    _log_setup()
-    app, sock, tls = build(settings, identity)
-    serve(app, sock, "myco node", tls=tls, limits=settings)
+    else:
+        _log_setup()
+        app, sock, tls = build(settings, identity)
+        serve(app, sock, "myco node", tls=tls, limits=settings)
 
 
 def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
-    """Pair a gateway with this node: its certificate, from a file or from the gateway,
-    must have the id the person typed."""
+    """Pair a gateway: its certificate, from a file or fetched, must have the id typed."""
     from myco.tls import certificate_id
     from nodeagent import pairing
 
@@ -98,34 +96,31 @@ def _node_allow(args: argparse.Namespace, state_dir: Path) -> None:
 def _gateway_call(args: argparse.Namespace, method: str, path: str,
                   body: dict[str, Any] | None = None) -> Any:
     key = os.environ.get("MYCO_API_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.request(method, args.gateway.rstrip("/") + path, json=body,
-                                 headers=headers, timeout=10)
+        response = httpx.request(method, args.gateway.rstrip("/") + path, json=body, timeout=10,
+                                 headers={"authorization": f"Bearer {key}"} if key else {})
     except httpx.HTTPError as exc:
-        print(f"myco: cannot reach the gateway at {args.gateway}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        raise SystemExit(f"myco: cannot reach the gateway at {args.gateway}: {exc}") from None
     if response.status_code != 200:
-        print(f"myco: gateway answered {response.status_code}: {response.text}", file=sys.stderr)
-        sys.exit(1)
+        raise SystemExit(f"myco: gateway answered {response.status_code}: {response.text}")
     return response.json()
 
 
 def cmd_nodes(args: argparse.Namespace) -> None:
     swarm = _gateway_call(args, "GET", "/v1/swarm")
-    nodes = swarm["nodes"]
     if args.json:
         print(json.dumps(swarm, indent=2))
         return
-    if not nodes:
+    if not swarm["nodes"]:
         print("the policy lists no nodes")
-    for n in nodes:
+    for n in swarm["nodes"]:
         state = "healthy" if n["healthy"] else f"UNHEALTHY ({n['reason']})"
-        print(f"{n['name']:<16} {n['address'] or '(by id)':<22} {state}  role={n['role']}")
+        print(f"{n['name']:<16} {n['address'] or '(by id)':<22} {state}  role={n['role']} "
+              f"slots={n['slots']} threads={n['threads']}")
         print(f"    id {n['id'] or 'not pinned (loopback)'}")
         for model in n["models"]:
             loaded = " (loaded)" if model in n["loaded"] else ""
-            print(f"    {model}{loaded} queue={n['queue'].get(model, 0)}")
+            print(f"    {model}{loaded} running or queued={n['queue'].get(model, 0)}")
         for model, split in n.get("splits", {}).items():
             spans = [f"{d['name']} {_span(d['layers'])}" for d in split["record"]["devices"]]
             hosts = ", ".join(f"{w['node']} ({w['host']})" for w in split["workers"])
@@ -133,10 +128,9 @@ def cmd_nodes(args: argparse.Namespace) -> None:
         for lease in n.get("lent", []):
             print(f"    lends {lease['device']} to {lease['head'][:7]} for {lease['model']} "
                   f"({lease['connections']} connection(s))")
-    for d in swarm.get("discovered", []):
-        if d["status"] != "listed":
-            where = ", ".join(f"{a}:{d['port']}" for a in d["addresses"])
-            print(f"discovered {d['name']} at {where}: {d['status']}\n    id {d['id']}")
+    for d in [d for d in swarm.get("discovered", []) if d["status"] != "listed"]:
+        where = ", ".join(f"{a}:{d['port']}" for a in d["addresses"])
+        print(f"discovered {d['name']} at {where}: {d['status']}\n    id {d['id']}")
 
 
 def _span(layers: list[int]) -> str:
@@ -163,9 +157,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
 
         p = load(args.policy)
         print("offline: every listed node is assumed healthy and to serve the model")
-        swarm = {name: NodeView(name, True, None) for name in p.nodes}
         decision = resolve(RoutingRequest(args.endpoint, args.model, args.client, args.tools),
-                           p, swarm)
+                           p, {name: NodeView(name, True, None) for name in p.nodes})
         result = {"rule_name": decision.rule_name, **msgspec.to_builtins(decision)}
     else:
         result = _gateway_call(args, "POST", "/v1/policy/dry-run", body)
@@ -178,8 +171,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> None:
     for c in result["candidates"]:
         mark = "->" if c["chosen"] else ("ok" if c["eligible"] else "no")
         print(f"  {mark} {c['target']} ({c['kind']}): {c['reason']}")
-    plan = result.get("plan")
-    for d in plan["devices"] if plan else ():
+    for d in (result.get("plan") or {"devices": ()})["devices"]:
         units = list(range(d["first"], d["first"] + d["count"]))
         print(f"  {d['role']} {d['node']} {d['device']}: {_span(units)}"
               f"{' + output' if d['holds_output'] else ''}, needs "
@@ -194,18 +186,15 @@ def cmd_policy_allow(args: argparse.Namespace) -> None:
 
     found = [d for d in _gateway_call(args, "GET", "/v1/swarm")["discovered"]
              if args.node in (d["name"], d["id"])]
-    listed = [d for d in found if d["status"] == "listed"]
-    if listed:
+    if listed := [d for d in found if d["status"] == "listed"]:
         print(f"{listed[0]['name']} ({listed[0]['id']}) is already in the policy")
         return
     # A host whose name or id is pinned to another certificate is never a candidate.
     found = [d for d in found if not d["status"].startswith("identity mismatch")]
     if len(found) != 1:
-        print(f"myco: {len(found)} discovered nodes match {args.node!r}; "
-              "name one by its id (see `myco nodes`)", file=sys.stderr)
-        sys.exit(1)
-    node, path = found[0], Path(args.policy)
-    name = args.name or node["name"]
+        raise SystemExit(f"myco: {len(found)} discovered nodes match {args.node!r}; "
+                         "name one by its id (see `myco nodes`)")
+    node, path, name = found[0], Path(args.policy), args.name or found[0]["name"]
     if name in load(path).nodes:
         raise ConfigError(str(path), f"not added: it lists {name!r} already; pass --name")
     entry = tomlkit.table()  # tomlkit writes the name as TOML needs it: [nodes."pi.lan"]
@@ -229,11 +218,13 @@ def cmd_hw(args: argparse.Namespace) -> None:
 
     settings = NodeSettings.from_env(models_dir=args.models, n_ctx=args.n_ctx)
     hw = hardware.detect()
+    threads = settings.threads or hardware.default_threads()
+    slots = settings.parallel or hardware.default_slots(hw)
     models = ModelStore(Path(settings.models_dir)).list()
     caps = capability.classify(hw, models, settings.n_ctx, memory_limit=settings.memory_limit)
     if args.json:
-        print(json.dumps({"hardware": msgspec.to_builtins(hw),
-                          "capabilities": msgspec.to_builtins(caps)}, indent=2))
+        print(json.dumps({"hardware": msgspec.to_builtins(hw), "threads": threads,
+                          "slots": slots, "capabilities": msgspec.to_builtins(caps)}, indent=2))
         return
     gib = 1024**3
     print(f"{hw.hostname}: {hw.cpu_model} ({hw.cpu_cores} threads, {hw.machine})")
@@ -243,7 +234,7 @@ def cmd_hw(args: argparse.Namespace) -> None:
               f"{gpu.memory_total / gib:.1f} GiB free, driver {gpu.driver}")
     if not hw.gpus:
         print("GPU: none found (CPU inference)")
-    print(f"role: {caps.role}")
+    print(f"role: {caps.role}; llama.cpp: {threads} threads, {slots} slots per model")
     print(f"models in {settings.models_dir} (context {settings.n_ctx}):")
     for fit in caps.models:
         print(f"  {fit.model}: {fit.fit} - {fit.reason}")
@@ -296,16 +287,19 @@ def parser() -> argparse.ArgumentParser:
     nd.add_argument("--models", help="model directory (default: $MYCO_MODELS or the data dir)")
     nd.add_argument("--name", help="node name (default: the host name)")
     nd.add_argument("--n-ctx", type=int, help="context length per model (default 4096)")
-    nd.add_argument("--queue-size", type=int, help="requests per model before 429 (default 8)")
+    nd.add_argument("--parallel", type=int, help="slots: requests a model decodes at once "
+                    "(default 4; 2 under 8 GiB of RAM)")
+    nd.add_argument("--threads", type=int, help="llama.cpp threads (default: physical cores)")
+    nd.add_argument("--queue-size", type=int, help="requests per model waiting for a slot "
+                    "before 429 (default 8)")
     nd.add_argument("--memory-limit", help="memory this node uses for models and lends: bytes, "
                     "or 300M, 2G (default: what is free)")
     nd.set_defaults(func=cmd_node)
 
-    for name, func, help_ in (("nodes", cmd_nodes, "show the nodes the gateway sees"),):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY))
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=func)
+    nodes = sub.add_parser("nodes", help="show the nodes the gateway sees")
+    nodes.add_argument("--gateway", default=os.environ.get("MYCO_GATEWAY_URL", DEFAULT_GATEWAY))
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
 
     pol = sub.add_parser("policy", help="check or explain a policy")
     psub = pol.add_subparsers(dest="policy_command", required=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -70,26 +69,26 @@ class NodeAgent:
 
     def __init__(self, settings: NodeSettings, hw: hardware.Hardware, identity: Identity, *,
                  port: int, tls: ssl.SSLContext, paired: Iterable[str] = ()) -> None:
-        self.settings = settings
-        self.identity = identity
-        self.port = port
+        self.settings, self.identity, self.port = settings, identity, port
         self.tls = tls  # what the node serves with (myco.tls.server_context)
         self.paired = set(paired)  # ids of the gateways it trusts
         self.store = ModelStore(Path(settings.models_dir))
         self.hardware = hw  # snapshot at start: what capability is judged against
-        self.pool = RunnerPool(n_ctx=settings.n_ctx, queue_size=settings.queue_size,
-                               load_timeout=settings.load_timeout, threads=settings.threads,
+        self.threads = settings.threads or hardware.default_threads()
+        self.slots = settings.parallel or hardware.default_slots(hw)
+        self.kv_tokens = settings.n_ctx * self.slots  # the KV cache holds every slot's context
+        self.pool = RunnerPool(n_ctx=settings.n_ctx, slots=self.slots, threads=self.threads,
+                               queue_size=settings.queue_size, load_timeout=settings.load_timeout,
                                retry_after=settings.retry_after, identity=identity)
-        self.lender = Lender(identity, host=settings.host,
+        self.lender = Lender(identity, host=settings.host, threads=self.threads,
                              cache_dir=Path(settings.state_dir) / "rpc-cache",
-                             threads=settings.threads or os.cpu_count() or 1,
                              idle=settings.lend_idle, memory_limit=settings.memory_limit,
                              cache_limit=settings.rpc_cache_limit)
         self.started = time.time()
 
     def capabilities(self, models: list[ModelMeta] | None = None) -> Capabilities:
         return capability.classify(self.hardware, self.store.list() if models is None else models,
-                                   self.settings.n_ctx, memory_limit=self.settings.memory_limit)
+                                   self.kv_tokens, memory_limit=self.settings.memory_limit)
 
     async def infer(self, request: Request[Any, Any, Any]) -> Any:
         raw = await request.body()
@@ -122,16 +121,18 @@ class NodeAgent:
         now = await asyncio.to_thread(hardware.detect)
         models = await asyncio.to_thread(self.store.list)
         runners = sorted(self.pool.runners.items())
+        busy = await asyncio.gather(*(r.busy() for _, r in runners))
         return protocol.NodeInfo(
             name=self.settings.name, id=protocol.NodeId(self.identity.id), version=VERSION,
             certificate=self.identity.pem(), uptime_s=round(time.time() - self.started, 1),
             hardware=msgspec.to_builtins(now), capabilities=self.capabilities(models),
             models=tuple(msgspec.to_builtins(m) for m in models),
             loaded=tuple(k for k, _ in runners), queue=self.pool.queue_depths(),
-            runners=tuple(protocol.RunnerState(k, r.process.pid, r.pending)
-                          for k, r in runners),
-            n_ctx=self.settings.n_ctx, rpc=self.lender.info(now),
-            shapes={m.id: capability.shape(m, self.settings.n_ctx) for m in models},
+            runners=tuple(protocol.RunnerState(k, r.process.pid, r.pending, self.slots, b)
+                          for (k, r), b in zip(runners, busy, strict=True)),
+            n_ctx=self.settings.n_ctx, slots=self.slots, threads=self.threads,
+            rpc=self.lender.info(now),
+            shapes={m.id: capability.shape(m, self.kv_tokens) for m in models},
             splits={k: protocol.SplitState(**msgspec.structs.asdict(r.split),
                                            record=msgspec.to_builtins(r.record))
                     for k, r in runners if r.split is not None},

@@ -52,10 +52,8 @@ def parse_cpuinfo(text: str) -> str:
         key, sep, value = line.partition(":")
         if sep and value.strip():
             fields.setdefault(key.strip(), value.strip())
-    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
-        if key in fields:
-            return fields[key]
-    return ""
+    return next((fields[k] for k in ("model name", "Model", "Hardware", "cpu model", "Processor")
+                 if k in fields), "")
 
 
 def _text(value: str | bytes) -> str:
@@ -66,10 +64,9 @@ def nvidia_gpus() -> tuple[Gpu, ...]:
     """Every NVIDIA GPU NVML sees, not only the first; () when NVML or a driver is missing."""
     try:
         import pynvml
+        pynvml.nvmlInit()
     except ImportError:
         return ()
-    try:
-        pynvml.nvmlInit()
     except pynvml.NVMLError:
         return ()
     try:
@@ -95,26 +92,20 @@ def nvidia_gpus() -> tuple[Gpu, ...]:
 
 def _cpu_model(system: str) -> str:
     if system == "Linux":
-        try:
-            name = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-        except OSError:
-            name = ""
-        if name:
-            return name
+        with contextlib.suppress(OSError):
+            if name := parse_cpuinfo(Path("/proc/cpuinfo").read_text()):
+                return name
     if system == "Darwin":
-        try:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], text=True,
                                   capture_output=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
     return platform.processor() or platform.machine()
 
 
 def _board() -> str | None:
-    try:
+    with contextlib.suppress(OSError):
         return Path("/proc/device-tree/model").read_text().strip("\x00\n ") or None
-    except OSError:
-        return None
+    return None
 
 
 def is_apple_silicon(system: str, machine: str) -> bool:
@@ -126,18 +117,25 @@ def detect() -> Hardware:
     """A snapshot of this machine; blocking (NVML, /proc, sysctl), so call it off the loop."""
     system, machine = platform.system(), platform.machine()
     memory = psutil.virtual_memory()
-    cpu = _cpu_model(system)
-    apple = is_apple_silicon(system, machine)
+    cpu, apple = _cpu_model(system), is_apple_silicon(system, machine)
     gpus = (Gpu(0, "apple", cpu, memory.total, memory.available, "metal"),) if apple \
         else nvidia_gpus()
     return Hardware(
         hostname=socket.gethostname(), system=system, machine=machine, cpu_model=cpu,
-        cpu_cores=psutil.cpu_count(logical=True) or 1,
-        cpu_physical_cores=psutil.cpu_count(logical=False) or 1,
-        ram_total=memory.total, ram_available=memory.available, gpus=gpus,
-        unified_memory=apple, board=_board())
+        cpu_cores=psutil.cpu_count(logical=True) or 1, ram_total=memory.total,
+        cpu_physical_cores=psutil.cpu_count(logical=False) or 1, ram_available=memory.available,
+        gpus=gpus, unified_memory=apple, board=_board())
+
+
+def default_threads() -> int:
+    """llama.cpp's own choice of threads for this machine: its physical cores."""
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def default_slots(hw: Hardware) -> int:
+    """Requests a loaded model decodes at once: 4, as llama.cpp's server; 2 under 8 GiB."""
+    return 4 if hw.gpus or hw.ram_total >= 8 * 2**30 else 2
 
 
 async def detect_async() -> Hardware:
-    """`detect()` on a worker thread."""
     return await asyncio.to_thread(detect)

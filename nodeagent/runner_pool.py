@@ -5,8 +5,9 @@ first use, supervised, queued.
 for it if none is alive (a runner that died is started again on the next request), or if the
 one alive was loaded with another split (a `protocol.Split`, or None: all local).  A split runner
 reaches each worker node through a `TunnelEntrance` of its own, closed when it stops.  Each
-runner has a bounded queue: `Runner.admit()` raises `Busy` (429 with Retry-After) when it is
-full; a request holds its place until its response is closed (a stream: relayed to the end).
+runner decodes `slots` requests at once and has a bounded queue behind them: `Runner.admit()`
+raises `Busy` (429 with Retry-After) when both are full; a request holds its place until its
+response is closed (a stream: relayed to the end).
 `unload_idle` stops runners with nothing in flight for a while.
 """
 
@@ -39,20 +40,16 @@ log = logging.getLogger("myco.node.runners")
 
 class Runner:
     def __init__(self, meta: ModelMeta, process: asyncio.subprocess.Process, socket: str,
-                 queue_size: int, retry_after: int, split: Split | None = None,
+                 places: int, retry_after: int, split: Split | None = None,
                  entrances: Sequence[TunnelEntrance] = ()) -> None:
-        self.meta = meta
-        self.process = process
-        self.socket = socket
+        self.meta, self.process, self.socket = meta, process, socket
         self.split, self.entrances = split, entrances
         self.record: loadrecord.LoadRecord | None = None  # the runner's GET /load, once ready
         self.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket),
                                         base_url="http://runner",
                                         timeout=httpx.Timeout(None, connect=5.0))
-        self.pending = 0
-        self.last_used = time.monotonic()
-        self._queue_size = queue_size
-        self._retry_after = retry_after
+        self.pending, self.last_used = 0, time.monotonic()
+        self._places, self._retry_after = places, retry_after  # places: slots + queue
 
     @property
     def alive(self) -> bool:
@@ -61,15 +58,23 @@ class Runner:
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         """Hold a place in this runner's queue for the duration of a request."""
-        if self.pending >= self._queue_size:
-            raise Busy(f"model {self.meta.id} has {self.pending} requests queued; retry later",
-                       retry_after=self._retry_after)
+        if self.pending >= self._places:
+            raise Busy(f"model {self.meta.id} has {self.pending} requests running or queued; "
+                       "retry later", retry_after=self._retry_after)
         self.pending += 1
         try:
             yield
         finally:
             self.pending -= 1
             self.last_used = time.monotonic()
+
+    async def busy(self) -> int | None:
+        """Slots generating now, as the runner says."""
+        try:
+            answer = await self.client.get("/health", timeout=1.0)
+            return int(answer.json()["busy"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
 
     async def stop(self) -> None:
         await self.client.aclose()
@@ -79,15 +84,11 @@ class Runner:
 
 
 class RunnerPool:
-    def __init__(self, *, n_ctx: int, queue_size: int, load_timeout: float,
-                 threads: int | None = None, retry_after: int = 1,
-                 identity: Identity | None = None) -> None:
+    def __init__(self, *, n_ctx: int, slots: int, queue_size: int, load_timeout: float,
+                 threads: int, retry_after: int = 1, identity: Identity | None = None) -> None:
         self._identity = identity  # what split runners' tunnel entrances present
-        self._n_ctx = n_ctx
-        self._queue_size = queue_size
-        self._load_timeout = load_timeout
-        self._threads = threads
-        self._retry_after = retry_after
+        self._n_ctx, self._slots, self._queue_size = n_ctx, slots, queue_size
+        self._load_timeout, self._threads, self._retry_after = load_timeout, threads, retry_after
         self._dir = tempfile.mkdtemp(prefix="myco-runners-")
         self._serial = itertools.count()  # socket names: never one of a runner still stopping
         self._runners: dict[str, Runner] = {}
@@ -108,8 +109,8 @@ class RunnerPool:
         runner = self._runners.get(meta.id)
         if runner is not None and runner.alive and runner.split == split:
             return runner
-        if self.waiting.get(meta.id, 0) >= self._queue_size:
-            raise Busy(f"model {meta.id} is loading with {self._queue_size} requests waiting",
+        if self.waiting.get(meta.id, 0) >= self._slots + self._queue_size:
+            raise Busy(f"model {meta.id} is loading with {self.waiting[meta.id]} requests waiting",
                        retry_after=self._retry_after)
         self.waiting[meta.id] = self.waiting.get(meta.id, 0) + 1
         try:
@@ -153,15 +154,14 @@ class RunnerPool:
     async def _start(self, meta: ModelMeta, split: Split | None) -> Runner:
         socket = os.path.join(self._dir, f"{next(self._serial)}.sock")
         args = [sys.executable, "-m", "nodeagent.runner", "--model", meta.path, "--id", meta.id,
-                "--socket", socket, "--n-ctx", str(self._n_ctx)]
-        if self._threads:
-            args += ["--threads", str(self._threads)]
+                "--socket", socket, "--n-ctx", str(self._n_ctx), "--parallel", str(self._slots),
+                "--threads", str(self._threads)]
         flags, entrances = await self._tunnels(meta, split) if split else ([], [])
         log.info("starting runner for %s (%.0f MB)", meta.id, meta.file_size / 1e6)
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(*args, *flags, env=child.env())
-        runner = Runner(meta, process, socket, self._queue_size, self._retry_after, split,
-                        entrances)
+        runner = Runner(meta, process, socket, self._slots + self._queue_size,
+                        self._retry_after, split, entrances)
         while time.monotonic() < started + self._load_timeout:
             if not runner.alive:
                 await runner.stop()

@@ -17,8 +17,7 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 
 def parse_size(text: str, what: str = "memory limit") -> int:
-    """Bytes from "300M", "2G", "1.5GiB" or "123456" (binary units, as in 1M = 2**20);
-    ValueError naming `what` otherwise."""
+    """Bytes from "300M", "2G", "1.5GiB" or "123456" (binary: 1M = 2**20); else ValueError."""
     found = _SIZE.fullmatch(text.strip())
     if found is None:
         raise ValueError(f"{what} {text!r}: give bytes, or a number with K, M, G or T (300M)")
@@ -31,10 +30,11 @@ class NodeSettings(ConnectionLimits, frozen=True):  # + the connection limits
     host: str = "127.0.0.1"
     port: config.Port = 8788
     n_ctx: int = 4096  # context per loaded model; also what capability sizes the KV cache for
-    queue_size: int = 8  # requests per model, running or waiting; more get 429
+    parallel: int | None = None  # slots: requests a model decodes at once; None: by hardware
+    queue_size: int = 8  # requests per model waiting for a slot; more get 429
     retry_after: int = 2  # seconds, sent with 429
     load_timeout: float = 300.0
-    threads: int | None = None  # llama.cpp threads; None: its default
+    threads: int | None = None  # llama.cpp threads; None: its default, the physical cores
     state_dir: str = ""  # identity (key, certificate); "" : the user state dir
     announce: str | None = None  # interface address for mDNS; None: --host unless loopback
     memory_limit: int | None = None  # bytes this node uses for models and lends; None: all

@@ -5,12 +5,13 @@ then serves OpenAI-shaped chat, completion and embedding requests on a Unix sock
 the node agent uses, a chat prompt's token count (/v1/chat/tokens), and the load record
 (which device holds which layers) at GET /load.
 Because the model lives here, a crash or an unload frees its memory and the node agent
-survives; it dies with the node agent (nodeagent/child.py).  llama.cpp is not thread-safe:
-every call into it runs on the one worker thread of `Model`, off the event loop.  Server-sent
-events are produced with sse-starlette, the runner being a plain Starlette app.  A request
-is checked whole before its turn to generate (nodeagent/runner/generate.py `prepare`: a 400, never a
-crash), and generation stops at the next token once its client (the node agent's relay)
-closes the connection, streamed or not; one whose client left while it waited never starts.
+survives; it dies with the node agent (nodeagent/child.py).  `--parallel N` requests generate
+at once in one batch (nodeagent/runner/engine.py: slots, continuous batching, a prompt cache per
+slot); every call into the context runs on the engine's thread.  Server-sent events are
+produced with sse-starlette, the runner being a plain Starlette app.  A request is checked
+whole before it waits for a slot (generate.py `prepare`: a 400, never a crash), and leaves its
+slot at the next step once its client (the node agent's relay) closes the connection,
+streamed or not; one whose client left while it waited never starts.
 
 Split inference: `--rpc HOST:PORT` (repeatable, in device order RPC0, RPC1, ...) with
 `--tensor-split` (one share per offloaded device, RPC devices first) and `--n-gpu-layers`
@@ -28,13 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import os
 import struct
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,98 +47,73 @@ from starlette.routing import Route
 
 from myco import layers, protocol
 from myco.errors import MycoError
-from nodeagent import child
+from nodeagent import child, hardware
 from nodeagent.gguf import GGUFError, read_header
 from nodeagent.lending import rpc
-from nodeagent.runner import generate, loadrecord, wire
+from nodeagent.runner import engine, generate, loadrecord, wire
 from nodeagent.store import meta_from_gguf
-
-_DONE = object()
 
 
 class Model:
-    """One GGUF model: a generation context, and an embedding context made on first use."""
+    """One GGUF model: the engine's slots for generation, an embedding context made on first use."""
 
-    def __init__(self, path: str, *, n_ctx: int, threads: int | None, n_gpu_layers: int = -1,
-                 tensor_split: tuple[float, ...] = ()) -> None:
-        self.path, self.n_ctx, self.threads = path, n_ctx, threads
+    def __init__(self, path: str, *, n_ctx: int, threads: int, slots: int,
+                 n_gpu_layers: int = -1, tensor_split: tuple[float, ...] = ()) -> None:
+        self.path, self.n_ctx, self.threads, self.slots = path, n_ctx, threads, slots
         self.n_gpu_layers, self.tensor_split = n_gpu_layers, tensor_split
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._llm: Any = None
+        self.llm: Any = None
+        self.engine: engine.Engine | None = None
         self._embedder: Any = None
 
-    def _open(self, **extra: Any) -> Any:
-        import llama_cpp  # the node's extra; never imported by the gateway
-
-        # The embedder, made on first use, gets the same split (and the same workers).
-        return llama_cpp.Llama(model_path=self.path, n_ctx=self.n_ctx,
-                               n_gpu_layers=self.n_gpu_layers,
-                               split_mode=llama_cpp.LLAMA_SPLIT_MODE_LAYER,
-                               tensor_split=list(self.tensor_split) or None,
-                               n_threads=self.threads, verbose=False, **extra)
-
     def load(self) -> None:
-        self._llm = self._open()
+        import llama_cpp
+        from llama_cpp import _internals
 
-    def prepare(self, body: wire.ChatRequest | wire.CompletionRequest) -> generate.Prepared:
-        return generate.prepare(self._llm, body)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 2**31 - 1 if self.n_gpu_layers == -1 else self.n_gpu_layers
+        params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        if self.tensor_split:
+            self._split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*self.tensor_split)
+            params.tensor_split = self._split
+        self.llm = _internals.LlamaModel(path_model=self.path, params=params, verbose=False)
+        self.engine = engine.Engine(self.llm, slots=self.slots, n_ctx=self.n_ctx,
+                                    threads=self.threads)
 
-    def infer(self, prep: generate.Prepared, body: wire.ChatRequest | wire.CompletionRequest,
-              stop: threading.Event) -> Any:
-        """The answer, or an iterator of chunks when body.stream; ends at the next token once
-        `stop` is set (and does not start if it already is)."""
-        if stop.is_set():
-            return iter(()) if body.stream else None
-        if isinstance(body, wire.CompletionRequest):
-            return generate.complete(self._llm, prep, body, stop)
-        once_or_stream = generate.chat_stream if body.stream else generate.chat_once
-        return once_or_stream(self._llm, prep, body, stop)
+    async def generate(self, prep: generate.Prepared,
+                       body: wire.ChatRequest | wire.CompletionRequest) -> generate.Events:
+        """The engine's events for one request; it leaves its slot when this is closed."""
+        assert self.engine is not None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[engine.Event] = asyncio.Queue()
+        job = engine.Job(prep.prompt, prep.max_tokens, prep.stop,
+                         generate.sampler(self.llm, prep, body),
+                         lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        self.engine.submit(job)
+        try:
+            while not isinstance(event := await events.get(), engine.Finish):
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+            yield event
+        finally:
+            job.cancel.set()
 
     def embed(self, texts: list[str]) -> Any:
         if self._embedder is None:
             import llama_cpp
 
-            self._embedder = self._open(embedding=True,
-                                        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+            # The same split (and the same workers) as the generation context.
+            self._embedder = llama_cpp.Llama(
+                model_path=self.path, n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers,
+                split_mode=llama_cpp.LLAMA_SPLIT_MODE_LAYER, embedding=True,
+                tensor_split=list(self.tensor_split) or None, n_threads=self.threads,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
         return self._embedder.create_embedding(texts)
 
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.worker, lambda: fn(*args, **kwargs))
 
-    async def stream(self, fn: Callable[..., Iterator[Any]], *args: Any) -> AsyncIterator[Any]:
-        """Iterate a generator `fn(*args, stop)` on the worker thread; stop it if we go away."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for item in fn(*args, stop):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                    if stop.is_set():
-                        break
-            except Exception as exc:  # handed to the consumer, which reports it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        done = loop.run_in_executor(self.worker, produce)
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            await asyncio.shield(done)
-
-
-async def _until_disconnect(request: Request, stop: threading.Event) -> None:
-    """Set `stop` when the client (the node agent's relay) closes its connection."""
+async def _until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    stop.set()
 
 
 def _error(exc: MycoError) -> Response:
@@ -172,22 +147,26 @@ def create_app(model: Model, model_id: str,
             kind = wire.ChatRequest
         try:
             body = wire.decode(await request.body(), kind, n_ctx=model.n_ctx)
-            prep = await model.run(model.prepare, body)
+            prep = await asyncio.to_thread(generate.prepare, model.llm, model.n_ctx, body)
         except MycoError as exc:
             return _error(exc)
         if request.url.path == "/v1" + protocol.TOKENS_PATH:
             return Response(encode(protocol.TokenCount(len(prep.prompt))),
                             media_type="application/json")
+        events, plain = model.generate(prep, body), wire.CompletionRequest
         if body.stream:
-            return await answer(model.stream(model.infer, prep, body), True)
-        stop = threading.Event()
-        watcher = asyncio.create_task(_until_disconnect(request, stop))
-        try:
-            result = await model.run(model.infer, prep, body, stop)
-        finally:
-            watcher.cancel()
-        # None: the client left before its turn; nobody reads this answer.
-        return Response(status_code=499) if result is None else await answer(result, False)
+            return await answer(generate.complete_stream(events, body) if isinstance(body, plain)
+                                else generate.chat_stream(events, prep, body), True)
+        # Not streamed: a client (the node agent's relay) that leaves frees the slot at once.
+        work = asyncio.ensure_future(generate.complete(events, body) if isinstance(body, plain)
+                                     else generate.chat_once(events, prep, body))
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            return Response(status_code=499)
+        return await answer(work.result(), False)
 
     async def embeddings(request: Request) -> Response:
         try:
@@ -195,7 +174,8 @@ def create_app(model: Model, model_id: str,
         except MycoError as exc:
             return _error(exc)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        result = await model.run(model.embed, texts)
+        assert model.engine is not None
+        result = await asyncio.wrap_future(model.engine.call(lambda: model.embed(texts)))
         if body.encoding_format == "base64":  # what the openai client asks for by default
             for item in result["data"]:
                 vector = item["embedding"]
@@ -204,7 +184,9 @@ def create_app(model: Model, model_id: str,
         return await answer(result, False)
 
     async def health(_: Request) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
+        busy = model.engine.busy if model.engine else 0
+        return Response(encode({"status": "ok", "slots": model.slots, "busy": busy}),
+                        media_type="application/json")
 
     async def load(_: Request) -> Response:
         return Response(encode(record), media_type="application/json")
@@ -223,23 +205,6 @@ def _with_id(result: dict[str, Any], model_id: str) -> dict[str, Any]:
     """llama-cpp-python names the model by its path; clients expect the id they asked for."""
     result["model"] = model_id
     return result
-
-
-def _shares(text: str) -> tuple[float, ...]:
-    try:
-        shares = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
-    if any(x < 0 for x in shares) or not any(shares):
-        raise argparse.ArgumentTypeError(f"shares must be >= 0, not all 0: {text!r}")
-    return shares
-
-
-def _endpoint(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
-    return text
 
 
 def _connect_workers(args: argparse.Namespace, say: Callable[[str], None]) -> None:
@@ -272,10 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--id", required=True)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--n-ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--rpc", action="append", default=[], type=_endpoint,
+    parser.add_argument("--threads", type=int, default=hardware.default_threads())
+    parser.add_argument("--parallel", type=int, default=4, help="slots: requests decoded at once")
+    parser.add_argument("--rpc", action="append", default=[],
                         metavar="HOST:PORT", help="an rpc worker; repeat, in device order")
-    parser.add_argument("--tensor-split", type=_shares, default=(),
+    parser.add_argument("--tensor-split", default=(),
+                        type=lambda text: tuple(float(x) for x in text.split(",")),
                         help="one share per offloaded device: RPC devices, then local GPUs")
     parser.add_argument("--n-gpu-layers", type=int, default=-1,
                         help="units offloaded, counted from the output layer; -1: all")
@@ -299,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"runner[{args.id}]: {exc}")
     log = loadrecord.LogCapture()
     log.install()
-    model = Model(args.model, n_ctx=args.n_ctx, threads=args.threads,
+    model = Model(args.model, n_ctx=args.n_ctx, threads=args.threads, slots=args.parallel,
                   n_gpu_layers=args.n_gpu_layers, tensor_split=args.tensor_split)
     say(f"loading {args.model} (n_gpu_layers {args.n_gpu_layers}, tensor_split "
         f"{list(args.tensor_split)}) ...")
@@ -307,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     model.load()
     seconds = time.perf_counter() - started
     log.recording = False
-    say(f"loaded in {seconds:.1f} s")
+    say(f"loaded in {seconds:.1f} s: {args.parallel} slots of {args.n_ctx} tokens, "
+        f"{args.threads} threads")
     record = loadrecord.parse(log.text, n_gpu_layers=args.n_gpu_layers,
                               tensor_split=args.tensor_split, load_seconds=round(seconds, 3))
     say("placed: " + "; ".join(f"{d.name} {loadrecord.span(d.layers, record.n_layers)}"

@@ -28,6 +28,10 @@ class Message(msgspec.Struct, frozen=True):
 Tokens = Annotated[int, msgspec.Meta(ge=1)]  # and at most the context: `asked_tokens`
 
 
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
 class _Sampling(msgspec.Struct, frozen=True):
     model: str
     max_tokens: Tokens | None = None
@@ -39,6 +43,7 @@ class _Sampling(msgspec.Struct, frozen=True):
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    stream_options: StreamOptions | None = None
 
 
 class Function(msgspec.Struct, frozen=True):
@@ -69,10 +74,6 @@ class ResponseFormat(msgspec.Struct, frozen=True):
     json_schema: JsonSchemaFormat | None = None
 
 
-class StreamOptions(msgspec.Struct, frozen=True):
-    include_usage: bool = False
-
-
 class ChatRequest(_Sampling, frozen=True):
     messages: list[Message] = []
     max_completion_tokens: Tokens | None = None
@@ -80,7 +81,6 @@ class ChatRequest(_Sampling, frozen=True):
     tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    stream_options: StreamOptions | None = None
     # Parameters we cannot honour: refused by name rather than silently ignored.
     logprobs: bool | None = None
     audio: dict[str, Any] | None = None
@@ -108,9 +108,8 @@ Body = TypeVar("Body", bound=ChatRequest | CompletionRequest | EmbeddingRequest
 
 
 def decode(raw: bytes, kind: type[Body], n_ctx: int | None = None) -> Body:
-    """Decode and check a request body; every problem is a `BadRequest` naming the field.
-
-    With `n_ctx`, a token limit above the context is refused too (`asked_tokens`)."""
+    """Decode and check a request body; every problem is a `BadRequest` naming the field.  With
+    `n_ctx`, a token limit above the context is refused too (`asked_tokens`)."""
     try:
         body = msgspec.json.decode(raw, type=kind)
     except RecursionError:
@@ -167,8 +166,8 @@ def _check_chat(body: ChatRequest) -> None:
     if body.chosen_function is not None and body.chosen_function not in names:
         raise BadRequest(f"tool_choice names {body.chosen_function!r}, which is not in tools",
                          param="tool_choice")
-    if body.response_format is not None and body.response_format.type == "json_schema" \
-            and body.response_format.json_schema is None:
+    if (fmt := body.response_format) is not None and fmt.type == "json_schema" \
+            and fmt.json_schema is None:
         raise BadRequest("response_format json_schema needs `json_schema`",
                          param="response_format")
     for i, message in enumerate(body.messages):
@@ -188,7 +187,6 @@ def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
         item.setdefault("content", "")  # a template that adds content to text (SmolLM2's)
         if isinstance(message.content, list):
             item["content"] = "".join(part["text"] for part in message.content)
-        if item["role"] == "developer":
-            item["role"] = "system"
+        item["role"] = "system" if message.role == "developer" else message.role
         out.append(item)
     return out

@@ -48,7 +48,7 @@ def test_unknown_model_at_the_node_is_404(node: Proc, node_tls: ssl.SSLContext) 
 def small_queue_node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                      gateway_identity: Identity) -> Iterator[Proc]:
     proc = myco("node", "--port", "0", "--models", str(models_dir), "--name", "q1",
-                "--queue-size", "1", "--n-ctx", "512", "--state-dir",
+                "--parallel", "1", "--queue-size", "0", "--n-ctx", "512", "--state-dir",
                 str(paired_state(tmp_path_factory, gateway_identity)))
     yield proc
     proc.stop()
@@ -58,7 +58,7 @@ def test_full_queue_is_429_with_retry_after(small_queue_node: Proc,
                                             node_tls: ssl.SSLContext) -> None:
     url = small_queue_node.url + "/v1/chat/completions"
     with ThreadPoolExecutor(1) as pool:
-        sent = pool.submit(httpx.post, url, json={**CHAT, "max_tokens": 24}, timeout=120,
+        sent = pool.submit(httpx.post, url, json={**CHAT, "max_tokens": 200}, timeout=120,
                            verify=node_tls)
         # the first is in the queue (loading the model or generating): the queue is full
         wait_for(lambda: queue_depth(small_queue_node, node_tls) == 1, 30, "the first queued")

@@ -96,7 +96,7 @@ def start_worker(cache: Path) -> tuple[Child, str]:
 
 def start_runner(model: Path, sock: Path, *flags: str) -> Child:
     return Child("nodeagent.runner", "--model", str(model), "--id", "g", "--socket", str(sock),
-                 "--n-ctx", "512", "--threads", "1", *flags)
+                 "--n-ctx", "512", "--threads", "1", "--parallel", "1", *flags)
 
 
 def client(sock: Path) -> httpx.Client:
