@@ -74,6 +74,13 @@ def make_app(name: str, models: tuple[str, ...] = ("fake-model",), chunks: int =
             model = str(request.get("model", ""))
             if request.get("fake_delay"):  # tests: an answer that takes this many seconds
                 await asyncio.sleep(float(request["fake_delay"]))
+            if name in request.get("fake_busy", ()):  # tests: a node with every place taken
+                payload = b'{"error":{"message":"busy","type":"rate_limit_error"}}'
+                await send({"type": "http.response.start", "status": 429, "headers": [
+                    *headers, (b"retry-after", b"30"),
+                    (b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+                return
             if request.get("stream"):
                 await send({"type": "http.response.start", "status": 200,
                             "headers": sse_headers})

@@ -1,8 +1,9 @@
 """The gateway's composition root: `create_app(settings, policy)` wires the data path.
 
-    request -> decode routing fields -> resolve(request, policy, swarm) -> forward the
+    request -> decode routing fields -> resolve(request, policy, swarm, loads) -> forward the
     body re-encoded from what was parsed (gateway/wire.py) to the chosen target (the next
-    one while no byte has reached the client) -> relay (myco/proxy.py)
+    one while no byte has reached the client, also when a target answers 429 or 503 and
+    another is left) -> relay (myco/proxy.py)
 
 The dry-run endpoint calls the same `resolve` and sends nothing.  The Responses and Messages
 APIs take the same path, translated to a chat request and back (gateway/translation.py).
@@ -25,6 +26,7 @@ from litestar import Litestar, Request, Response, get, post, route
 
 from gateway.audit import Attempt, AuditEntry, AuditLog, bounded
 from gateway.egress import Egress, EgressDenied
+from gateway.inflight import InFlight
 from gateway.lease import lease
 from gateway.membership import Membership
 from gateway.messages import Messages, anthropic_errors
@@ -36,14 +38,7 @@ from gateway.settings import GatewaySettings, default_audit_path
 from gateway.translation import Answer, Dialect
 from gateway.wire import DryRunFields, RoutingFields, forwarded
 from myco import protocol
-from myco.errors import (
-    Denied,
-    ModelNotFound,
-    MycoError,
-    TargetFailed,
-    Unauthorized,
-    Unavailable,
-)
+from myco.errors import Denied, ModelNotFound, MycoError, TargetFailed, Unauthorized, Unavailable
 from myco.guard import allowed_names, cors, request_guard
 from myco.handlers import exception_handlers
 from myco.identity import Identity
@@ -51,6 +46,7 @@ from myco.proxy import TargetLost, relay, unless_gone
 from myco.tls import client_context
 
 _REFUSALS: dict[int, type[MycoError]] = {403: Denied, 404: ModelNotFound, 503: Unavailable}
+_BUSY = (429, 503)  # answers after which the next target is tried, if one is left
 _PATHS: dict[EndpointKind, str] = {"chat": "/chat/completions", "completions": "/completions",
                                    "embeddings": "/embeddings"}
 
@@ -85,14 +81,13 @@ class Gateway:
                           for u in policy.upstreams.values()}
         self.audit = AuditLog(settings.audit_path or policy.audit.path or default_audit_path())
         self.members = Membership(settings, policy, self.pool, self.egress, self.audit)
+        self.inflight = InFlight()
         self.store = ResponseStore(Path(settings.state_dir) / "responses.sqlite3",
                                    settings.responses_max_age, settings.responses_max_bytes)
 
     def peer(self, target: str) -> Peer | None:
         """Where to send to `target` now (None: a node whose address is not known yet)."""
-        if target in self.upstreams:
-            return self.upstreams[target]
-        return self.members.peer(target)
+        return self.upstreams[target] if target in self.upstreams else self.members.peer(target)
 
     def authenticate(self, request: Request[Any, Any, Any]) -> str | None:
         if not self.keys:
@@ -128,8 +123,8 @@ class Gateway:
             raw, fields = forwarded(dialect.chat_body(raw, client) if dialect else raw,
                                     RoutingFields)
             decision = resolve(RoutingRequest(endpoint, fields.model, client, fields.has_tools),
-                               self.policy, self.members.views,
-                               self.members.strangers())
+                               self.policy, self.members.views, self.members.strangers(),
+                               self.inflight.loads(fields.model, self.members.views))
             if not decision.allowed:
                 raise _REFUSALS[decision.status](decision.message)
             split = {}
@@ -143,7 +138,8 @@ class Gateway:
             # closes the attempt in progress.
             path = dialect.path if dialect else _PATHS[endpoint]
             target, answer = await unless_gone(self._attempt(
-                request, path, raw, split, decision, request_id, attempts), request.receive)
+                request, path, raw, split, decision, request_id, attempts, fields.model),
+                request.receive)
             if answer is None:
                 raise TargetFailed("every target failed: " + "; ".join(
                     f"{a.target}: {a.outcome}" for a in attempts))
@@ -162,13 +158,13 @@ class Gateway:
 
     async def _attempt(self, request: Request[Any, Any, Any], path: str, body: bytes,
                        split: dict[str, str], decision: Decision, request_id: str,
-                       attempts: list[Attempt]) -> tuple[str | None, Answer | None]:
+                       attempts: list[Attempt], model: str) -> tuple[str | None, Answer | None]:
         """Send to the eligible targets in order: the first answer, with who gave it (None:
         every target failed; `attempts` says how)."""
-        for target in decision.eligible:
+        for n, target in enumerate(decision.eligible, 1):
             try:
                 answer = await self._try(target, request, path, body, split, decision,
-                                         request_id)
+                                         request_id, model, n == len(decision.eligible))
             except asyncio.CancelledError:  # the client left (unless_gone), or we stop
                 attempts.append(Attempt(target, "abandoned"))
                 raise
@@ -180,33 +176,47 @@ class Gateway:
         return None, None
 
     async def _try(self, target: str, request: Request[Any, Any, Any], path: str, body: bytes,
-                   split: dict[str, str], decision: Decision, request_id: str) -> Answer | str:
-        """`target`'s answer, or why it gave none (the next target may be tried then)."""
+                   split: dict[str, str], decision: Decision, request_id: str, model: str,
+                   last: bool) -> Answer | str:
+        """`target`'s answer, or why it gave none (the next target may be tried then).  A
+        429 or 503 is passed on only from the `last` target."""
         where = self.peer(target)
         if where is None:
             return "no address known"
         if path == protocol.TOKENS_PATH and target in self.upstreams:
             return "an upstream cannot count tokens"
         headers = {**self.headers_for(target, request), **split}
+        done = self.inflight.begin(target, model)
         try:
             upstream = await self.pool.send(where, path, headers, body)
         except EgressDenied as exc:
+            done()
             raise TargetFailed(str(exc)) from None
         except httpx.HTTPError as exc:
+            done()
             connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
             if connect and target in self.policy.nodes:
                 self.members.mark_failed(target, f"connection failed: {exc}")
             outcome = "cannot connect" if connect else "failed before answering"
             return f"{outcome}: {type(exc).__name__}: {exc}"
-        if upstream.is_redirect:  # never followed: it would leave the listed addresses
+        status = upstream.status_code
+        if upstream.is_redirect or (status in _BUSY and not last):
+            done()
             await upstream.aclose()
-            return f"answered with a redirect ({upstream.status_code}); redirects are not followed"
+            if upstream.is_redirect:  # never followed: it would leave the listed addresses
+                return f"answered with a redirect ({status}); redirects are not followed"
+            wait = upstream.headers.get("retry-after", "")
+            self.inflight.back_off(target, float(wait) if wait.isdigit() else 1.0)
+            return f"busy: answered {status}" + (f", retry after {wait} s" if wait else "")
         try:
             return await relay(upstream, {"x-myco-node": target, "x-myco-rule": decision.rule_name,
-                                          "x-request-id": request_id},
+                                          "x-request-id": request_id}, done,
                                max_body=self.settings.max_response_bytes)
         except TargetLost as exc:
             return exc.message
+        except BaseException:
+            done()
+            raise
 
     def _record(self, started: float, request_id: str, endpoint: str,
                 fields: RoutingFields | None, client: str | None, decision: Decision | None,
@@ -224,8 +234,8 @@ class Gateway:
         client = self.authenticate(request)
         _, fields = forwarded(raw, DryRunFields)
         routing = RoutingRequest(fields.endpoint, fields.model, client, fields.has_tools)
-        decision = resolve(routing, self.policy, self.members.views,
-                               self.members.strangers())
+        decision = resolve(routing, self.policy, self.members.views, self.members.strangers(),
+                           self.inflight.loads(fields.model, self.members.views))
         return {"request": msgspec.to_builtins(routing), "rule_name": decision.rule_name,
                 **msgspec.to_builtins(decision)}
 
@@ -304,8 +314,7 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
     @get("/v1/policy")
     async def show_policy(request: Request[Any, Any, Any]) -> Response[bytes]:
         gateway.authenticate(request)
-        body = msgspec.json.encode(policy)
-        return Response(body, media_type="application/json")
+        return Response(msgspec.json.encode(policy), media_type="application/json")
 
     @get("/v1/swarm")
     async def swarm(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -325,13 +334,8 @@ def create_app(settings: GatewaySettings, policy: Policy, identity: Identity, *,
     return Litestar(
         route_handlers=[chat, completions, embeddings, responses, stored, messages,
                         count_tokens, models, dry_run, show_policy, swarm, health, show_identity],
-        lifespan=[lifespan],
-        exception_handlers=handlers,
+        lifespan=[lifespan], exception_handlers=handlers,
         middleware=[request_guard(allowed_names(settings.host, settings.allowed_hosts))],
-        cors_config=cors(policy.cors_origins),
-        request_max_body_size=settings.max_body_bytes,
-        openapi_config=None,
-        logging_config=None,  # keep the CLI's log format
-        debug=False,
-    )
+        cors_config=cors(policy.cors_origins), request_max_body_size=settings.max_body_bytes,
+        openapi_config=None, logging_config=None, debug=False)  # logging: the CLI's log format
 

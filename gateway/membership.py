@@ -51,14 +51,11 @@ class Membership:
                  egress: Egress, audit: AuditLog) -> None:
         self.settings, self.policy = settings, policy
         self.pool, self.egress, self.audit = pool, egress, audit
-        # host:port of each node: from the policy, or from discovery for nodes listed by id.
-        self.addresses: dict[str, str | None] = {n.name: n.address
-                                                 for n in policy.nodes.values()}
+        self.addresses: dict[str, str | None] = {n.name: n.address for n in policy.nodes.values()}
         try:
             local = local_node_id(settings.local_node_id, local_node_certificate())
         except ValueError as exc:
             raise ConfigError("MYCO_GATEWAY_LOCAL_NODE_ID", str(exc)) from None
-        # The id each node must present (policy nodes without one are on loopback).
         self.pins: dict[str, str | None] = {n.name: n.id or local for n in policy.nodes.values()}
         self.watcher = SwarmWatcher(policy.nodes, self._node_info,
                                     interval=settings.health_interval,
@@ -84,8 +81,7 @@ class Membership:
         return self.watcher.views
 
     def peer(self, name: str) -> Peer | None:
-        """Where to reach node `name` now (None: listed by id, not discovered yet; or no id
-        to pin it to)."""
+        """Where to reach node `name` now (None: not discovered yet, or no id to pin it to)."""
         address, pin = self.addresses[name], self.pins[name]
         return Peer.for_node(address, pin) if address and pin else None
 
@@ -100,12 +96,11 @@ class Membership:
     async def _node_info(self, name: str) -> bytes:
         if self.pins[name] is None:  # the local node may create its identity after we start
             self.pins[name] = local_node_id(None, local_node_certificate())
-        peer = self.peer(name)
         if self.pins[name] is None:
             raise Unreachable(f"listed on loopback without `id`, and this machine's node id is "
                               "not known: add `id = \"...\"` (what `myco node id` prints) to "
                               f"[nodes.{name}] in the policy, or set MYCO_GATEWAY_LOCAL_NODE_ID")
-        if peer is None:
+        if (peer := self.peer(name)) is None:
             raise Unreachable("not discovered yet (listed by id; no mDNS announcement seen)")
         return await self._info_at(peer)
 
@@ -130,13 +125,9 @@ class Membership:
         its certificate is not the id it announces."""
         if self.discovery is None:
             return []
-        out = []
-        for key, found in sorted(self.discovery.nodes.items()):
-            listed, why = judge(found, self.policy)
-            if key in self.impostors:
-                listed, why = None, self.impostors[key]
-            out.append((found, listed, why))
-        return out
+        return [(found, None, self.impostors[key]) if key in self.impostors
+                else (found, *judge(found, self.policy))
+                for key, found in sorted(self.discovery.nodes.items())]
 
     def strangers(self) -> list[tuple[str, str]]:
         return [(f"{found.name} ({found.id})", why)
@@ -183,24 +174,22 @@ class Membership:
                 await self._info_at(Peer.for_node(f"{host}:{found.port}", pin))
             except WrongPeer as exc:
                 mismatches.append(str(exc))
-                continue
             except httpx.HTTPError:
                 silent = silent or host
-                continue
-            self._use(name, f"{host}:{found.port}", found)
-            await self.watcher.check_some([name])
-            return
+            else:
+                await self._use(name, f"{host}:{found.port}", found)
+                return
         if silent is not None and self.addresses[name] is None:
-            self._use(name, f"{silent}:{found.port}", found)
-            await self.watcher.check_some([name])
+            await self._use(name, f"{silent}:{found.port}", found)
         elif mismatches and len(mismatches) == len(found.addresses):
             why = f"identity mismatch: announces the id of {name!r}, but " + "; ".join(mismatches)
             self.impostors[found.key] = why
             self._reject(found, why)
 
-    def _use(self, name: str, address: str, found: Discovered) -> None:
+    async def _use(self, name: str, address: str, found: Discovered) -> None:
         self.impostors.pop(found.key, None)
         self.addresses[name] = address
+        await self.watcher.check_some([name])
 
     def _left(self, found: Discovered) -> None:
         """A node said goodbye: stop routing to it now (its next good check brings it back)."""
@@ -213,15 +202,15 @@ class Membership:
         """GET /v1/swarm: every listed node as the gateway sees it, and what discovery found."""
         nodes = []
         for name in self.policy.nodes:
-            view = self.watcher.views[name]
-            info = self.watcher.infos.get(name)
+            view, info = self.watcher.views[name], self.watcher.infos.get(name)
             nodes.append({"name": name, "address": self.addresses[name], "id": self.pins[name],
-                          "healthy": view.healthy,
-                          "reason": view.reason, "models": sorted(view.models or ()),
+                          "healthy": view.healthy, "reason": view.reason,
+                          "models": sorted(view.models or ()),
                           "loaded": info.loaded if info else [],
                           "queue": info.queue if info else {},
-                          "splits": info.splits if info else {},
-                          "lent": info.lent if info else [],
+                          "slots": info.slots if info else None,
+                          "threads": info.threads if info else None,
+                          "splits": info.splits if info else {}, "lent": info.lent if info else [],
                           "role": info.capabilities.role if info else None})
         discovered = [{**msgspec.to_builtins(found), "listed_as": listed, "status": why}
                       for found, listed, why in self.judged()]

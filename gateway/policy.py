@@ -4,11 +4,10 @@ A policy is a TOML file the user wrote.  Only what it lists is reachable; routes
 order and the first whose `match` fits the request decides (forward to targets in order of
 preference, or deny; `split` names the nodes that may together run a model none of the
 targets can hold alone).  Anything malformed stops start-up with a `PolicyError` naming the file,
-the line and the reason.  Model names are compared after `model_key`: Unicode NFKC
-normalisation, case folding, invisible (format and control) characters dropped and surrounding
-space stripped, on both sides (route globs, upstream `models` lists, what nodes serve), so
-`deny` for `secret-*` also catches `SECRET-PLANS`, ` Secret-plans` and `secret-plans` typed
-in fullwidth letters.  Example:
+the line and the reason.  Model names are compared as `model_key` gives them (NFKC, case
+folded, invisible characters dropped), on both sides (route globs, upstream `models` lists, what
+nodes serve), so `deny` for `secret-*` also catches `SECRET-PLANS`, ` Secret-plans` and
+`secret-plans` typed in fullwidth letters.  Example:
 
     [nodes.local]
     address = "127.0.0.1:8788"
@@ -49,8 +48,6 @@ class PolicyError(ConfigError):
 
 
 # --- the file as written (strict: unknown keys are errors) -------------------------------
-
-
 class _Node(msgspec.Struct, forbid_unknown_fields=True):
     address: str | None = None  # host:port; None: wherever discovery finds the id
     id: str | None = None  # the node's identity (`myco node id`): its TLS certificate
@@ -79,6 +76,7 @@ class _Route(msgspec.Struct, forbid_unknown_fields=True):
     forward: list[str] | None = None
     deny: str | None = None
     split: list[str] | None = None  # nodes that may hold layers of a model none fits alone
+    balance: Literal["first", "least-busy"] = "first"  # first: spill over when slots are full
 
 
 class _Audit(msgspec.Struct, forbid_unknown_fields=True):
@@ -102,8 +100,6 @@ class _File(msgspec.Struct, forbid_unknown_fields=True):
 
 
 # --- the validated policy -----------------------------------------------------------------
-
-
 class Node(msgspec.Struct, frozen=True):
     """A node the gateway may use.  Traffic to it is mutual TLS; the certificate it presents
     must have `id` (only a loopback node may leave it out: it is then not pinned)."""
@@ -144,6 +140,7 @@ class Route(msgspec.Struct, frozen=True):
     forward: tuple[str, ...]
     deny: str | None
     split: tuple[str, ...] = ()
+    balance: str = "first"
 
     @property
     def name(self) -> str:
@@ -151,19 +148,17 @@ class Route(msgspec.Struct, frozen=True):
 
     @property
     def text(self) -> str:
-        parts = [f"model={self.match.model}"]
-        if self.match.endpoints is not None:
-            parts.append("endpoint=" + "|".join(self.match.endpoints))
-        if self.match.clients is not None:
-            parts.append("client=" + "|".join(self.match.clients))
-        if self.match.tools is not None:
-            parts.append(f"tools={str(self.match.tools).lower()}")
-        if self.deny is not None:
-            action = f"deny: {self.deny}"
-        else:
-            action = "forward " + ", ".join(self.forward)
+        m = self.match
+        parts = [f"model={m.model}", *(f"{k}={'|'.join(v)}" for k, v in (
+            ("endpoint", m.endpoints), ("client", m.clients)) if v is not None)]
+        if m.tools is not None:
+            parts.append(f"tools={str(m.tools).lower()}")
+        action = f"deny: {self.deny}" if self.deny is not None else \
+            "forward " + ", ".join(self.forward)
         if self.split:
             action += "; split over " + ", ".join(self.split)
+        if self.balance != "first":
+            action += f"; balance {self.balance}"
         return " ".join(parts) + " -> " + action
 
 
@@ -185,11 +180,9 @@ class Policy(msgspec.Struct, frozen=True):
         """Every host:port the policy names, that the gateway may open a connection to.
         (Discovered addresses of nodes listed by id are added as discovery finds them.)"""
         pairs = [split_host_port(n.address) for n in self.nodes.values() if n.address]
-        for upstream in self.upstreams.values():
-            parts = urlsplit(upstream.url)
-            default = 443 if parts.scheme == "https" else 80
-            pairs.append((parts.hostname or "", parts.port or default))
-        return pairs
+        urls = [urlsplit(upstream.url) for upstream in self.upstreams.values()]
+        return pairs + [(u.hostname or "", u.port or (443 if u.scheme == "https" else 80))
+                        for u in urls]
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -203,10 +196,8 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -225,12 +216,10 @@ def matches(match: Match, endpoint: EndpointKind, model: str, client: str | None
             has_tools: bool) -> bool:
     """Whether a route's `match` fits a request.  Model names match as shell globs, both
     sides compared as `model_key` gives them (`model` is expected in that form already)."""
-    return (
-        fnmatch.fnmatchcase(model, model_key(match.model))
-        and (match.endpoints is None or endpoint in match.endpoints)
-        and (match.clients is None or (client is not None and client in match.clients))
-        and (match.tools is None or match.tools == has_tools)
-    )
+    return (fnmatch.fnmatchcase(model, model_key(match.model))
+            and (match.endpoints is None or endpoint in match.endpoints)
+            and (match.clients is None or (client is not None and client in match.clients))
+            and (match.tools is None or match.tools == has_tools))
 
 
 def load(path: str | os.PathLike[str]) -> Policy:
@@ -254,9 +243,8 @@ def parse(text: str, source: str = "<policy>") -> Policy:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
-        reason = str(exc).split(" (at line")[0]
         raise PolicyError(source, int(found.group(1)) if found else None,
-                          f"not valid TOML: {reason}") from None
+                          f"not valid TOML: {str(exc).split(' (at line')[0]}") from None
 
     def convert(value: Any, kind: type[_T], prefix: toml_lines.Path) -> _T:
         try:
@@ -264,8 +252,7 @@ def parse(text: str, source: str = "<policy>") -> Policy:
         except msgspec.ValidationError as exc:
             where = (*prefix, *toml_lines.parse_msgspec_path(str(exc)))
             reason = str(exc).split(" - at `")[0]
-            unknown = re.match(r"Object contains unknown field `(.+)`", reason)
-            if unknown:
+            if unknown := re.match(r"Object contains unknown field `(.+)`", reason):
                 reason = f"unknown key `{unknown.group(1)}`"
                 where = (*where, unknown.group(1))  # points at the offending line
             reason = reason.replace("Object missing required field", "missing required key")
@@ -275,22 +262,18 @@ def parse(text: str, source: str = "<policy>") -> Policy:
     doc = convert(raw, _File, ())
     nodes: dict[str, Node] = {}
     for name, node in _entries(doc.nodes, _Node, "nodes", convert):
-        host = None
-        if node.address is not None:
-            try:
-                host = split_host_port(node.address)[0]
-            except ValueError as exc:
-                raise fail(("nodes", name, "address"), f"nodes.{name}.address: {exc}") from None
-        node_id = None
-        if node.id is not None:
-            try:
-                node_id = parse_id(node.id)
-            except ValueError as exc:
-                raise fail(("nodes", name, "id"), f"nodes.{name}.id: {exc}") from None
-        elif host is None:
+        try:
+            host = None if node.address is None else split_host_port(node.address)[0]
+        except ValueError as exc:
+            raise fail(("nodes", name, "address"), f"nodes.{name}.address: {exc}") from None
+        try:
+            node_id = None if node.id is None else parse_id(node.id)
+        except ValueError as exc:
+            raise fail(("nodes", name, "id"), f"nodes.{name}.id: {exc}") from None
+        if node_id is None and host is None:
             raise fail(("nodes", name), f"nodes.{name}: give `id` (what `myco node id` prints "
                        "on that machine), `address`, or both")
-        elif not is_loopback(host):
+        if node_id is None and host is not None and not is_loopback(host):
             raise fail(("nodes", name, "address"), f"nodes.{name}: `id` is required for a node "
                        "off this machine (run `myco node id` there); only a loopback node may "
                        "go unpinned")
@@ -304,8 +287,7 @@ def parse(text: str, source: str = "<policy>") -> Policy:
                        f"upstreams.{name}.url: {up.url!r} must be an http(s) URL")
         if name in nodes:
             raise fail(("upstreams", name), f"{name!r} is both a node and an upstream")
-        models = tuple(up.models) if up.models is not None else None
-        upstreams[name] = Upstream(name, up.url, up.cloud, up.api_key_env, models)
+        upstreams[name] = Upstream(name, up.url, up.cloud, up.api_key_env, _as_tuple(up.models))
 
     clients = {name: Client(name, c.key_env)
                for name, c in _entries(doc.clients, _Client, "clients", convert)}
@@ -323,8 +305,7 @@ def parse(text: str, source: str = "<policy>") -> Policy:
             raise fail((*where, "forward"), f"routes[{i}].forward: lists no target")
         for name in r.split or ():
             if name not in nodes:
-                raise fail((*where, "split"),
-                           f"routes[{i}].split: {name!r} is not a listed node")
+                raise fail((*where, "split"), f"routes[{i}].split: {name!r} is not a listed node")
         if r.split is not None and r.deny is not None:
             raise fail((*where, "split"), f"routes[{i}]: a `deny` route splits nothing")
         m = r.match
@@ -336,7 +317,7 @@ def parse(text: str, source: str = "<policy>") -> Policy:
         endpoints = cast(tuple[EndpointKind, ...] | None, _as_tuple(m.endpoint))
         match = Match(m.model, endpoints, wanted, m.tools)
         routes.append(Route(i, toml_lines.line_of(lines, where), match,
-                            tuple(r.forward or ()), r.deny, tuple(r.split or ())))
+                            tuple(r.forward or ()), r.deny, tuple(r.split or ()), r.balance))
     if not routes:
         raise PolicyError(source, None, "no [[routes]]: nothing would be reachable")
     for origin in doc.cors.origins:
@@ -355,9 +336,7 @@ def _entries(table: dict[str, dict[str, Any]], kind: type[_T], section: str,
 
 
 def _as_tuple(value: str | list[str] | list[EndpointKind] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
+    return None if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
 def _dotted(path: toml_lines.Path) -> str:

@@ -8,8 +8,11 @@ they cannot disagree.  The rules, in order:
 3. Each target of a `forward` route, in the order written, is a candidate: a node must be
    healthy and serve the model; an upstream must list the model (when it lists models at all).
    Model names are compared as `policy.model_key` gives them (NFKC, case folded, stripped).
-4. The first eligible candidate is chosen; the rest are fallbacks, tried in order while no
-   byte of an answer has reached the client.
+4. The eligible candidates are tried in turn while no byte of an answer has reached the
+   client: in the order written, those with a free slot first (spill-over), or, when the
+   route says `balance = "least-busy"`, the least busy first (`Load`: what the nodes report
+   and what the gateway has in flight; a target that asked to be left alone with Retry-After
+   goes last).
 5. None is eligible and the route names `split` nodes: `place` (gateway/placement.py) plans
    the model over the healthy ones; the plan's head is the target, or the planner's reasons
    are a 503.
@@ -35,9 +38,7 @@ SHOWN = 256
 
 def quoted(model: str) -> str:
     """`model` quoted for a message or log: cut at `SHOWN` characters, with its length."""
-    if len(model) <= SHOWN:
-        return repr(model)
-    return f"{model[:SHOWN]!r}... ({len(model)} characters)"
+    return repr(model) if len(model) <= SHOWN else f"{model[:SHOWN]!r}... ({len(model)} characters)"
 
 
 class RoutingRequest(msgspec.Struct, frozen=True):
@@ -45,6 +46,20 @@ class RoutingRequest(msgspec.Struct, frozen=True):
     model: str
     client: str | None = None
     has_tools: bool = False
+
+
+class Load(msgspec.Struct, frozen=True):
+    busy: int  # requests for this model running or queued there, as far as the gateway knows
+    slots: int  # requests it decodes at once; 0: not known (an upstream)
+    backing_off: bool = False  # it answered 429 or 503 with a Retry-After not yet over
+
+    @property
+    def free(self) -> bool:
+        return not self.backing_off and (self.slots == 0 or self.busy < self.slots)
+
+    def text(self) -> str:
+        busy = f"{self.busy}/{self.slots} slots busy" if self.slots else f"{self.busy} in flight"
+        return busy + ", backing off" * self.backing_off
 
 
 class NodeView(msgspec.Struct, frozen=True):
@@ -60,6 +75,8 @@ class NodeView(msgspec.Struct, frozen=True):
     shapes: dict[str, ModelShape] = {}
     rpc: RpcVersion | None = None
     lends: tuple[Device, ...] = ()
+    slots: int = 0  # per loaded model
+    pending: dict[str, int] = {}  # model -> requests running or waiting there
 
 
 Swarm = Mapping[str, NodeView]
@@ -71,6 +88,7 @@ class Candidate(msgspec.Struct, frozen=True):
     eligible: bool
     chosen: bool
     reason: str
+    load: Load | None = None
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -82,6 +100,7 @@ class Decision(msgspec.Struct, frozen=True):
     target: str | None = None
     candidates: tuple[Candidate, ...] = ()
     plan: Plan | None = None  # a split: `target` is its head
+    order: tuple[str, ...] = ()  # the eligible targets, in the order they are tried
 
     @property
     def rule_name(self) -> str:
@@ -90,23 +109,33 @@ class Decision(msgspec.Struct, frozen=True):
     @property
     def eligible(self) -> tuple[str, ...]:
         """Targets to try, in order: the chosen one, then the fallbacks (a split: its head)."""
-        if self.plan is not None:
-            return (self.plan.head,)
-        return tuple(c.target for c in self.candidates if c.eligible)
+        return (self.plan.head,) if self.plan is not None else self.order
+
+
+def order(targets: Sequence[str], loads: Mapping[str, Load], balance: str) -> tuple[str, ...]:
+    """`targets` in the order to try them (stable: the order written breaks ties)."""
+    def key(target: str) -> tuple[bool, float]:
+        load = loads.get(target, Load(0, 0))
+        if balance == "least-busy":
+            return load.backing_off, load.busy / max(load.slots, 1)
+        return not load.free, 0
+    return tuple(sorted(targets, key=key))
 
 
 def resolve(request: RoutingRequest, policy: Policy, swarm: Swarm,
-            strangers: Sequence[tuple[str, str]] = ()) -> Decision:
+            strangers: Sequence[tuple[str, str]] = (),
+            loads: Mapping[str, Load] = {}) -> Decision:
     """`strangers`: (label, why) of nodes discovery found that the policy does not list;
     they are shown as rejected candidates and never chosen."""
-    decision = _resolve(request, policy, swarm)
+    decision = _resolve(request, policy, swarm, loads)
     if not strangers:
         return decision
     shown = tuple(Candidate(label, "discovered", False, False, why) for label, why in strangers)
     return msgspec.structs.replace(decision, candidates=decision.candidates + shown)
 
 
-def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
+def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm,
+             loads: Mapping[str, Load]) -> Decision:
     key = model_key(request.model)
     route = next((r for r in policy.routes
                   if matches(r.match, request.endpoint, key, request.client,
@@ -120,31 +149,39 @@ def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
         return Decision(False, 403, f"denied by policy rule {route.name}: {route.deny}", index,
                         rule)
 
-    candidates: list[Candidate] = []
+    problems: dict[str, str | None] = {}
     serves_model = False
     for target in route.forward:
-        kind: Literal["node", "upstream"] = "node" if target in policy.nodes else "upstream"
-        problem, knows_model = _check(target, kind, key, policy, swarm)
+        problems[target], knows_model = _check(target, key, policy, swarm)
         serves_model = serves_model or knows_model
-        eligible = problem is None
-        chosen = eligible and not any(c.eligible for c in candidates)
-        if chosen:
-            reason = "first eligible target of the route"
-        elif eligible:
-            reason = f"eligible fallback #{sum(c.eligible for c in candidates)}"
+    tried = order([t for t, p in problems.items() if p is None], loads, route.balance)
+    candidates = []
+    for target, problem in problems.items():
+        kind: Literal["node", "upstream"] = "node" if target in policy.nodes else "upstream"
+        load = loads.get(target)
+        if problem is not None:
+            reason = problem
+        elif target != tried[0]:
+            reason = f"eligible fallback #{tried.index(target)}"
+        elif route.balance == "least-busy":
+            reason = "the least busy eligible target"
+        elif next(t for t in route.forward if problems[t] is None) != target:
+            reason = "the first eligible target with a free slot (those before it are busy)"
         else:
-            reason = problem or ""
-        candidates.append(Candidate(target, kind, eligible, chosen, reason))
+            reason = "first eligible target of the route"
+        if problem is None and load is not None:
+            reason += f" ({load.text()})"
+        candidates.append(Candidate(target, kind, problem is None,
+                                    bool(tried) and tried[0] == target, reason, load))
 
-    chosen_target = next((c.target for c in candidates if c.chosen), None)
-    if chosen_target is not None:
-        return Decision(True, 200, f"forward to {chosen_target}", index, rule, chosen_target,
-                        tuple(candidates))
-    why = "; ".join(f"{c.target}: {c.reason}" for c in candidates)
+    shown = tuple(candidates)
+    if tried:
+        return Decision(True, 200, f"forward to {tried[0]}", index, rule, tried[0], shown,
+                        order=tried)
+    why = "; ".join(f"{c.target}: {c.reason}" for c in shown)
     if route.split:
         split = _split(route, request.model, swarm)
         if split is not None:
-            shown = tuple(candidates)
             if isinstance(split, Plan):
                 return Decision(True, 200, f"split: {split.reason}, head {split.head}", index,
                                 rule, split.head, shown, split)
@@ -153,16 +190,15 @@ def _resolve(request: RoutingRequest, policy: Policy, swarm: Swarm) -> Decision:
                             None, shown)
     if not serves_model:
         return Decision(False, 404, f"model {quoted(request.model)} is not served by any "
-                        f"target of {route.name} ({why})", index, rule, None, tuple(candidates))
+                        f"target of {route.name} ({why})", index, rule, None, shown)
     return Decision(False, 503, f"no available target for {route.name}: {why}", index, rule,
-                    None, tuple(candidates))
+                    None, shown)
 
 
-def _check(target: str, kind: str, key: str, policy: Policy,
-           swarm: Swarm) -> tuple[str | None, bool]:
+def _check(target: str, key: str, policy: Policy, swarm: Swarm) -> tuple[str | None, bool]:
     """(why `target` cannot take the request or None, whether it may serve the model whose
     `model_key` is `key`)."""
-    if kind == "upstream":
+    if target in policy.upstreams:
         listed = policy.upstreams[target].models
         if listed is not None and key not in {model_key(m) for m in listed}:
             return "upstream does not list this model", False
@@ -189,6 +225,4 @@ def _split(route: Route, model: str, swarm: Swarm) -> Plan | str | None:
     down = [f"{v.name}: unhealthy ({v.reason})" for v in views if not v.healthy]
     members = [SplitNode(v.name, model in v.stored, v.rpc, v.lends) for v in views if v.healthy]
     found = place(shape, members)
-    if isinstance(found, Plan):
-        return found
-    return "; ".join([found.message, *down])
+    return found if isinstance(found, Plan) else "; ".join([found.message, *down])

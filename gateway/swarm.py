@@ -30,7 +30,8 @@ def view_from_info(name: str, info: NodeInfo) -> NodeView:
     stored = frozenset(str(m.get("id")) for m in info.models)
     served = frozenset(m for m in stored if fits.get(m) != "none")
     return NodeView(name, True, served, stored=stored, shapes=info.shapes,
-                    rpc=info.rpc.protocol, lends=info.rpc.devices)
+                    rpc=info.rpc.protocol, lends=info.rpc.devices, slots=info.slots,
+                    pending=info.queue)
 
 
 Fetch = Callable[[str], Awaitable[bytes]]  # node name -> its /node/info body

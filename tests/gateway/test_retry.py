@@ -212,3 +212,36 @@ forward = ["first", "canary"]
     finally:
         first.close()
         canary.close()
+
+
+def test_a_busy_target_is_followed_by_the_next_and_then_tried_last(
+        nodes: tuple[Proc, Proc], start_gateway: PolicyFactory) -> None:
+    """A 429 before the first byte is not an answer while a target is left: the next one
+    answers, and the busy one goes last until its Retry-After is over (dry-run shows why)."""
+    a, b = nodes
+    gw = start_gateway(two_nodes(a, b))
+    answer = httpx.post(gw.url + "/v1/chat/completions",
+                        json={"model": "m", "fake_busy": ["a"]}, timeout=10)
+    assert answer.status_code == 200 and answer.headers["x-myco-node"] == "b"
+    [entry] = audit(gw, 1)
+    assert [(x["target"], x["outcome"]) for x in entry["attempts"]] == [
+        ("a", "busy: answered 429, retry after 30 s"), ("b", "answered 200")]
+    dry = httpx.post(gw.url + "/v1/policy/dry-run", json={"model": "m", "endpoint": "chat"}).json()
+    assert dry["target"] == "b"
+    assert dry["candidates"][0]["load"]["backing_off"] is True
+    # Every target busy: the last one's 429 reaches the client, Retry-After and all.
+    both = httpx.post(gw.url + "/v1/chat/completions",
+                      json={"model": "m", "fake_busy": ["a", "b"]}, timeout=10)
+    assert both.status_code == 429 and both.headers["retry-after"] == "30"
+
+
+@pytest.mark.parametrize("balance", ["first", "least-busy"])
+def test_least_busy_spreads_requests_in_flight_over_both_targets(
+        nodes: tuple[Proc, Proc], start_gateway: PolicyFactory, balance: str) -> None:
+    a, b = nodes
+    gw = start_gateway(two_nodes(a, b) + f'balance = "{balance}"\n')
+    answers = asyncio.run(in_flight(gw.url, 6, {"model": "m", "fake_delay": 0.5},
+                                    lambda: None, ready=lambda: True))
+    served = sorted(r.headers["x-myco-node"] for r in answers)
+    # The fakes report no slots: "first" never sees them full and keeps to the order written.
+    assert served == (sorted(["a", "b"] * 3) if balance == "least-busy" else ["a"] * 6), served

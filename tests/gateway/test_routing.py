@@ -140,8 +140,8 @@ def test_dry_run_explains_every_candidate(gateways: dict[str, Proc]) -> None:
     assert dry["rule"] == "model=* -> forward dead, a, b"
     reasons = {c["target"]: (c["eligible"], c["chosen"], c["reason"]) for c in dry["candidates"]}
     assert reasons["dead"][0] is False and "unhealthy" in reasons["dead"][2]
-    assert reasons["a"] == (True, True, "first eligible target of the route")
-    assert reasons["b"] == (True, False, "eligible fallback #1")
+    assert reasons["a"] == (True, True, "first eligible target of the route (0 in flight)")
+    assert reasons["b"][2].startswith("eligible fallback #1")
 
 
 def test_models_lists_what_the_policy_makes_reachable(gateways: dict[str, Proc]) -> None:
