@@ -221,7 +221,8 @@ def cmd_hw(args: argparse.Namespace) -> None:
     threads = settings.threads or hardware.default_threads()
     slots = settings.parallel or hardware.default_slots(hw)
     models = ModelStore(Path(settings.models_dir)).list()
-    caps = capability.classify(hw, models, settings.n_ctx, memory_limit=settings.memory_limit)
+    caps = capability.classify(hw, models, settings.n_ctx * slots,  # KV for every slot
+                               memory_limit=settings.memory_limit)
     if args.json:
         print(json.dumps({"hardware": msgspec.to_builtins(hw), "threads": threads,
                           "slots": slots, "capabilities": msgspec.to_builtins(caps)}, indent=2))
@@ -235,7 +236,7 @@ def cmd_hw(args: argparse.Namespace) -> None:
     if not hw.gpus:
         print("GPU: none found (CPU inference)")
     print(f"role: {caps.role}; llama.cpp: {threads} threads, {slots} slots per model")
-    print(f"models in {settings.models_dir} (context {settings.n_ctx}):")
+    print(f"models in {settings.models_dir} (context {settings.n_ctx} per slot):")
     for fit in caps.models:
         print(f"  {fit.model}: {fit.fit} - {fit.reason}")
 
