@@ -79,14 +79,12 @@ class Model:
         self.engine = engine.Engine(self.llm, slots=self.slots, n_ctx=self.n_ctx,
                                     threads=self.threads)
 
-    async def generate(self, prep: generate.Prepared,
-                       body: wire.ChatRequest | wire.CompletionRequest) -> generate.Events:
+    async def generate(self, prep: generate.Prepared) -> generate.Events:
         """The engine's events for one request; it leaves its slot when this is closed."""
         assert self.engine is not None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[engine.Event] = asyncio.Queue()
-        job = engine.Job(prep.prompt, prep.max_tokens, prep.stop,
-                         generate.sampler(self.llm, prep, body),
+        job = engine.Job(prep.prompt, prep.max_tokens, prep.stop, prep.sampler,
                          lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         self.engine.submit(job)
         try:
@@ -153,7 +151,7 @@ def create_app(model: Model, model_id: str,
         if request.url.path == "/v1" + protocol.TOKENS_PATH:
             return Response(encode(protocol.TokenCount(len(prep.prompt))),
                             media_type="application/json")
-        events, plain = model.generate(prep, body), wire.CompletionRequest
+        events, plain = model.generate(prep), wire.CompletionRequest
         if body.stream:
             return await answer(generate.complete_stream(events, body) if isinstance(body, plain)
                                 else generate.chat_stream(events, prep, body), True)

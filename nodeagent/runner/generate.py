@@ -34,24 +34,22 @@ class Prepared(msgspec.Struct, frozen=True):
     stop: list[str]
     max_tokens: int
     mode: tools.Mode = "text"
-    grammar: str | None = None
+    sampler: Any = None  # the request's sampler chain (`sampler`), used once
 
 
 def prepare(model: Any, n_ctx: int, body: ChatRequest | CompletionRequest) -> Prepared:
-    """Render and tokenize the prompt, decide the token budget and the output's grammar.
+    """Render and tokenize the prompt, decide the token budget, make the sampler chain.
 
     BadRequest naming the parameter when the prompt leaves no room in the context, or when no
     grammar can be built from the tools or the schema (which would crash the process later).
     """
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    mode: tools.Mode = "text"
-    grammar, param = None, "prompt"
+    param = "prompt"
     if isinstance(body, CompletionRequest):
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     else:
         (text, own_stop), param = _render(model, body), "messages"
         stop = [*own_stop, *stop]
-        mode, grammar = _grammar(model, body)
     prompt = model.tokenize(text.encode(), True, True) or [model.token_bos()]
     asked = wire.asked_tokens(body, n_ctx)
     if len(prompt) >= n_ctx:
@@ -59,7 +57,9 @@ def prepare(model: Any, n_ctx: int, body: ChatRequest | CompletionRequest) -> Pr
         raise BadRequest(f"the prompt is {len(prompt)} tokens and the context {n_ctx}: no room "
                          f"for the answer ({wanted} asked); shorten the prompt", param=param)
     room = n_ctx - len(prompt)
-    return Prepared(prompt, stop, room if asked is None else min(asked, room), mode, grammar)
+    mode, grammar = _grammar(model, body)
+    return Prepared(prompt, stop, room if asked is None else min(asked, room), mode,
+                    sampler(model, body, grammar))
 
 
 def _render(model: Any, body: ChatRequest) -> tuple[str, list[str]]:
@@ -78,9 +78,13 @@ def _render(model: Any, body: ChatRequest) -> tuple[str, list[str]]:
 _NUL = re.compile(r"(?<!-)\\(?:x00|u0000|U00000000)(?!-)|-\\(?:x00|u0000|U00000000)")
 
 
-def _grammar(model: Any, body: ChatRequest) -> tuple[tools.Mode, str | None]:
-    """tools.plan, every failure a BadRequest: llama-cpp-python would crash on it later."""
+def _grammar(model: Any, body: ChatRequest | CompletionRequest) -> tuple[tools.Mode, Any]:
+    """tools.plan, and llama.cpp's grammar sampler made from it; every failure a BadRequest
+    (llama.cpp would crash on it later)."""
     import llama_cpp
+
+    if isinstance(body, CompletionRequest):
+        return "text", None
 
     param = "tools" if body.tools and body.tool_choice != "none" \
         else "response_format.json_schema.schema"
@@ -96,11 +100,10 @@ def _grammar(model: Any, body: ChatRequest) -> tuple[tools.Mode, str | None]:
     if not sampler:
         raise BadRequest(f"the grammar made from {param} is refused by llama.cpp (strings with "
                          '" or NUL are not supported)', param=param)
-    llama_cpp.llama_sampler_free(sampler)
-    return mode, grammar
+    return mode, sampler
 
 
-def sampler(model: Any, prep: Prepared, body: ChatRequest | CompletionRequest) -> Any:
+def sampler(model: Any, body: ChatRequest | CompletionRequest, grammar: Any = None) -> Any:
     """The request's sampler chain, in llama-cpp-python's order and with its defaults:
     penalties, grammar, then greedy (temperature 0) or top-k 40, top-p, min-p 0.05,
     temperature (0.8 when not given) and a draw seeded by `seed`."""
@@ -111,9 +114,8 @@ def sampler(model: Any, prep: Prepared, body: ChatRequest | CompletionRequest) -
     if body.presence_penalty or body.frequency_penalty:
         chain.add_penalties(model.n_vocab(), 64, 1.0, body.frequency_penalty or 0.0,
                             body.presence_penalty or 0.0)
-    if prep.grammar is not None:
-        llama_cpp.llama_sampler_chain_add(chain.sampler, llama_cpp.llama_sampler_init_grammar(
-            model.vocab, prep.grammar.encode(), b"root"))
+    if grammar is not None:  # the chain owns it from here
+        llama_cpp.llama_sampler_chain_add(chain.sampler, grammar)
     temperature = 0.8 if body.temperature is None else body.temperature
     if temperature <= 0:
         chain.add_greedy()  # type: ignore[no-untyped-call]
