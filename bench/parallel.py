@@ -58,8 +58,8 @@ async def http_stream(client: httpx.AsyncClient, i: int, tokens: int) -> Result:
             "stream": True}) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"] and \
-                    json.loads(line[6:])["choices"][0].get("text"):
+            choices = json.loads(line[6:])["choices"] if line.startswith("data: {") else []
+            if choices and choices[0].get("text"):
                 n += 1
                 first = first or time.perf_counter() - started
     return first, time.perf_counter() - started, n

@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +160,20 @@ class Gateway:
                        split: dict[str, str], decision: Decision, request_id: str,
                        attempts: list[Attempt], model: str) -> tuple[str | None, Answer | None]:
         """Send to the eligible targets in order: the first answer, with who gave it (None:
-        every target failed; `attempts` says how)."""
+        every target failed; `attempts` says how).  Each attempt counts as in flight to its
+        target until it fails, or until its answer has been relayed (`relay` calls `done`)."""
         for n, target in enumerate(decision.eligible, 1):
+            done = self.inflight.begin(target, model)
             try:
                 answer = await self._try(target, request, path, body, split, decision,
-                                         request_id, model, n == len(decision.eligible))
-            except asyncio.CancelledError:  # the client left (unless_gone), or we stop
-                attempts.append(Attempt(target, "abandoned"))
+                                         request_id, done, n == len(decision.eligible))
+            except BaseException as exc:
+                done()
+                if isinstance(exc, asyncio.CancelledError):  # the client left, or we stop
+                    attempts.append(Attempt(target, "abandoned"))
                 raise
             if isinstance(answer, str):
+                done()
                 attempts.append(Attempt(target, answer))
                 continue
             attempts.append(Attempt(target, f"answered {answer.status_code or 200}"))
@@ -176,8 +181,8 @@ class Gateway:
         return None, None
 
     async def _try(self, target: str, request: Request[Any, Any, Any], path: str, body: bytes,
-                   split: dict[str, str], decision: Decision, request_id: str, model: str,
-                   last: bool) -> Answer | str:
+                   split: dict[str, str], decision: Decision, request_id: str,
+                   done: Callable[[], None], last: bool) -> Answer | str:
         """`target`'s answer, or why it gave none (the next target may be tried then).  A
         429 or 503 is passed on only from the `last` target."""
         where = self.peer(target)
@@ -186,14 +191,11 @@ class Gateway:
         if path == protocol.TOKENS_PATH and target in self.upstreams:
             return "an upstream cannot count tokens"
         headers = {**self.headers_for(target, request), **split}
-        done = self.inflight.begin(target, model)
         try:
             upstream = await self.pool.send(where, path, headers, body)
         except EgressDenied as exc:
-            done()
             raise TargetFailed(str(exc)) from None
         except httpx.HTTPError as exc:
-            done()
             connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
             if connect and target in self.policy.nodes:
                 self.members.mark_failed(target, f"connection failed: {exc}")
@@ -201,7 +203,6 @@ class Gateway:
             return f"{outcome}: {type(exc).__name__}: {exc}"
         status = upstream.status_code
         if upstream.is_redirect or (status in _BUSY and not last):
-            done()
             await upstream.aclose()
             if upstream.is_redirect:  # never followed: it would leave the listed addresses
                 return f"answered with a redirect ({status}); redirects are not followed"
@@ -214,9 +215,6 @@ class Gateway:
                                max_body=self.settings.max_response_bytes)
         except TargetLost as exc:
             return exc.message
-        except BaseException:
-            done()
-            raise
 
     def _record(self, started: float, request_id: str, endpoint: str,
                 fields: RoutingFields | None, client: str | None, decision: Decision | None,

@@ -40,7 +40,6 @@ class InFlight:
         key, now, loads = model_key(model), time.monotonic(), {}
         for target in set(swarm) | {t for t, _ in self._count} | set(self._until):
             view = swarm.get(target, NodeView(target, False))
-            reported = [n for m, n in view.pending.items() if model_key(m) == key]
-            loads[target] = Load(max([self._count[target, key], *reported]), view.slots,
-                                 self._until.get(target, 0) > now)
+            loads[target] = Load(max(self._count[target, key], view.pending.get(key, 0)),
+                                 view.slots, self._until.get(target, 0) > now)
         return loads

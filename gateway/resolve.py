@@ -76,7 +76,7 @@ class NodeView(msgspec.Struct, frozen=True):
     rpc: RpcVersion | None = None
     lends: tuple[Device, ...] = ()
     slots: int = 0  # per loaded model
-    pending: dict[str, int] = {}  # model -> requests running or waiting there
+    pending: dict[str, int] = {}  # model_key(model) -> requests running or waiting there
 
 
 Swarm = Mapping[str, NodeView]

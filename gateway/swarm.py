@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import httpx
 import msgspec
 
+from gateway.policy import model_key
 from gateway.resolve import NodeView
 from myco.protocol import NodeInfo
 
@@ -31,7 +32,7 @@ def view_from_info(name: str, info: NodeInfo) -> NodeView:
     served = frozenset(m for m in stored if fits.get(m) != "none")
     return NodeView(name, True, served, stored=stored, shapes=info.shapes,
                     rpc=info.rpc.protocol, lends=info.rpc.devices, slots=info.slots,
-                    pending=info.queue)
+                    pending={model_key(m): n for m, n in info.queue.items()})
 
 
 Fetch = Callable[[str], Awaitable[bytes]]  # node name -> its /node/info body

@@ -24,7 +24,7 @@ import pytest
 
 from myco.identity import Identity
 from tests.conftest import PolicyFactory
-from tests.procs import Proc, fake_upstream, wait_for_async
+from tests.procs import Proc, fake_upstream, wait_for, wait_for_async
 from tests.rawserver import RawServer
 
 pytestmark = pytest.mark.slow  # each case its own gateway and targets, killed or frozen
@@ -245,3 +245,18 @@ def test_least_busy_spreads_requests_in_flight_over_both_targets(
     served = sorted(r.headers["x-myco-node"] for r in answers)
     # The fakes report no slots: "first" never sees them full and keeps to the order written.
     assert served == (sorted(["a", "b"] * 3) if balance == "least-busy" else ["a"] * 6), served
+
+
+def test_a_request_abandoned_before_its_answer_is_no_longer_counted_in_flight(
+        nodes: tuple[Proc, Proc], start_gateway: PolicyFactory) -> None:
+    a, b = nodes
+    gw = start_gateway(two_nodes(a, b))
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while a is still answering
+        httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", "fake_delay": 3},
+                   timeout=0.5)
+
+    def load() -> dict[str, Any]:
+        dry = httpx.post(gw.url + "/v1/policy/dry-run", json={"model": "m"}).json()
+        return dict(dry["candidates"][0]["load"])
+
+    wait_for(lambda: load()["busy"] == 0, 5, load)
